@@ -1,0 +1,4 @@
+"""nanosd: Stable Diffusion, whole, in one small and fast codebase."""
+from .pipeline import Pipeline, load
+
+__all__ = ["Pipeline", "load"]

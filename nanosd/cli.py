@@ -1,0 +1,106 @@
+"""The `nanosd` command: a thin shell over the trainer, the pipeline, the data and the figures."""
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_train(a):
+    from .config import load_config
+    from .train import train
+
+    if Path(a.config).is_dir():  # resume a run folder
+        if a.overrides:
+            raise ValueError("overrides cannot change a run being resumed: start a new run with a config file")
+        run = train(None, a.config, minutes=a.minutes, steps=a.steps)
+    else:
+        cfg = load_config(a.config, a.overrides)
+        out = a.out or Path("runs") / Path(a.config).stem
+        run = train(cfg, out, minutes=a.minutes, steps=a.steps)
+    print(f"done: {run} (weights {run}/model.safetensors, samples {run}/samples.png)")
+
+
+def cmd_generate(a):
+    from .pipeline import infotext, load, save_grid, save_png, to_pil
+
+    pipe = load(a.model)
+    images = pipe.generate(a.n, steps=a.steps, sampler=a.sampler, seed=a.seed, eta=a.eta, output="tensor")
+    params = infotext(pipe, images.shape[-2:], Path(a.model).name)
+    out = Path(a.out)
+    if a.out.endswith("/") or out.is_dir():
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"output folder {out} is not empty: give a new or empty folder (nothing is overwritten)")
+        out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            save_png(to_pil(im), out / f"{i:05d}.png", f"{params}, Batch pos: {i}")
+        print(f"wrote {len(images)} images to {out}/")
+    else:
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"--out {a.out} must be a .png file (a grid) or a folder ending in '/'")
+        save_grid(images, out, params)
+        print(f"wrote a grid of {len(images)} images to {out}")
+
+
+def cmd_data(a):
+    from .data import fetch, load_dataset
+
+    path = fetch(a.name)
+    ds = load_dataset(a.name, 28 if "mnist" in a.name else 64)
+    print(f"{a.name}: {path} ({len(ds)} training images, {len(ds.classes)} classes)")
+
+
+def cmd_explain(a):
+    from . import explain
+
+    out = explain.run(a.what, a.run, a.out)
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="nanosd", description="Stable Diffusion, whole, in one small codebase.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe (or resume a run folder)")
+    t.add_argument("config", help="a TOML config such as configs/mnist-pixel.toml, or a run folder to resume")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+    t.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
+    t.add_argument("--minutes", type=float, help="wall-clock budget in minutes")
+    t.add_argument("--steps", type=int, help="budget in optimizer steps")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="sample images from a trained model")
+    g.add_argument("model", help="a run folder")
+    g.add_argument("--n", type=int, default=16)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--sampler", help="ddpm or ddim (default: the run's)")
+    g.add_argument("--eta", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--out", default="samples.png", help="FILE.png for a grid, or DIR/ for one PNG per image")
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("data", help="data sets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dg = dsub.add_parser("get", help="fetch a data set into the cache")
+    dg.add_argument("name", help="mnist or fashion-mnist")
+    dg.set_defaults(fn=cmd_data)
+
+    e = sub.add_parser("explain", help="figures: forward, reverse")
+    e.add_argument("what", choices=["forward", "reverse"])
+    e.add_argument("run", nargs="?", help="run folder (for reverse)")
+    e.add_argument("--out", help="output PNG")
+    e.set_defaults(fn=cmd_explain)
+
+    a, extra = p.parse_known_args(argv)  # overrides may come after the options too
+    bad = [x for x in extra if "=" not in x or x.startswith("-") or a.command != "train"]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        a.overrides = a.overrides + extra
+    try:
+        a.fn(a)
+    except KeyboardInterrupt as e:
+        print(f"nanosd: {e}" if str(e) else "nanosd: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"nanosd: error: {e}", file=sys.stderr)
+        return 2
+    return 0

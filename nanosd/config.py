@@ -1,0 +1,134 @@
+"""Configs are small dataclasses read from TOML files, with `section.key=value` overrides on the command line."""
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from .schedule import PREDICTIONS, SCHEDULES
+from .unet import UNetConfig
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist, fashion-mnist, or a folder of images
+    size: int = 28  # MNIST-like sets: 28 as is, or 32 as the 28 px image zero-padded by 2
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"
+    timesteps: int = 1000
+    prediction: str = "eps"  # what the U-Net predicts: eps, v or x0
+    loss_weighting: str = "none"  # none (L_simple) or min_snr (Hang et al. 2023, gamma 5)
+
+    def validate(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"diffusion.schedule {self.schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction {self.prediction!r} is unknown: choose one of {', '.join(PREDICTIONS)}")
+        if self.loss_weighting not in ("none", "min_snr"):
+            raise ValueError(f"diffusion.loss_weighting {self.loss_weighting!r} is unknown: choose none or min_snr")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    steps: int = 0  # 0: no step limit (use minutes)
+    minutes: float = 0.0  # wall-clock budget; 0: no time limit (use steps)
+    bf16: bool = False  # bf16 autocast (slower than fp32 for small convolutions on CPU)
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 500  # steps between sample grids (0: only at the end)
+    checkpoint_every: int = 500
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    clip_x0: bool = False  # clip the predicted x_0 to [-1, 1] while sampling (pixel models)
+    n: int = 64  # images in the grids written during training
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self):
+        self.unet.validate()
+        self.diffusion.validate()
+        if self.data.size % self.unet.factor:
+            raise ValueError(f"data.size {self.data.size} is not divisible by the U-Net's factor {self.unet.factor} "
+                             f"(2^(levels-1)): use a size that is a multiple of {self.unet.factor}, or fewer levels")
+        return self
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key {where}{unknown[0]!r}: known keys are {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].type
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{name} must be a table [{name}]")
+            kwargs[name] = _build(sub, value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        key, text = item.split("=", 1)
+        *path, last = key.strip().split(".")
+        node = values
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = _parse_value(text.strip())
+    return values
+
+
+def load_config(path=None, overrides=(), values: dict | None = None) -> Config:
+    if values is None:
+        values = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} not found: pass a TOML file such as configs/mnist-pixel.toml")
+            try:
+                values = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    return _build(Config, apply_overrides(values, list(overrides)), "").validate()
+
+
+def _drop_none(d: dict) -> dict:  # TOML has no null: an absent key means the default None
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def dump_config(cfg) -> str:
+    return tomli_w.dumps(_drop_none(dataclasses.asdict(cfg)))

