@@ -31,7 +31,7 @@ def main():
     torch.manual_seed(0)
     unet = UNet(cfg.unet)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(tmp, unet, lambda m, b, g: diffusion_loss(m, b, g, schedule=schedule), data, cfg.train)
+        trainer = Trainer(tmp, unet, lambda m, b, g, step: diffusion_loss(m, b, g, schedule=schedule), data, cfg.train)
         times = []
         for i in range(a.steps + 2):
             t0 = time.perf_counter()

@@ -11,11 +11,11 @@ def cmd_train(a):
     if Path(a.config).is_dir():  # resume a run folder
         if a.overrides:
             raise ValueError("overrides cannot change a run being resumed: start a new run with a config file")
-        run = train(None, a.config, minutes=a.minutes, steps=a.steps)
+        run = train(None, a.config, minutes=a.minutes, steps=a.steps, autoencoder=a.autoencoder)
     else:
         cfg = load_config(a.config, a.overrides)
         out = a.out or Path("runs") / Path(a.config).stem
-        run = train(cfg, out, minutes=a.minutes, steps=a.steps)
+        run = train(cfg, out, minutes=a.minutes, steps=a.steps, autoencoder=a.autoencoder)
     print(f"done: {run} (weights {run}/model.safetensors, samples {run}/samples.png)")
 
 
@@ -48,6 +48,13 @@ def cmd_data(a):
     print(f"{a.name}: {path} ({len(ds)} training images, {len(ds.classes)} classes)")
 
 
+def cmd_eval(a):
+    from .fid import evaluate_run
+
+    score, floor = evaluate_run(a.run, n=a.n, seed=a.seed)
+    print(f"FID {score:.2f} at N={a.n} (real-vs-real floor at the same N: {floor:.2f})")
+
+
 def cmd_explain(a):
     from . import explain
 
@@ -65,6 +72,7 @@ def main(argv=None):
     t.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
     t.add_argument("--minutes", type=float, help="wall-clock budget in minutes")
     t.add_argument("--steps", type=int, help="budget in optimizer steps")
+    t.add_argument("--autoencoder", help="latent recipes: reuse the autoencoder of this run folder")
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="sample images from a trained model")
@@ -83,8 +91,16 @@ def main(argv=None):
     dg.add_argument("name", help="mnist or fashion-mnist")
     dg.set_defaults(fn=cmd_data)
 
-    e = sub.add_parser("explain", help="figures: forward, reverse")
-    e.add_argument("what", choices=["forward", "reverse"])
+    v = sub.add_parser("eval", help="metrics of a trained model")
+    vsub = v.add_subparsers(dest="eval_command", required=True)
+    vf = vsub.add_parser("fid", help="FID of samples against the real data, with the real-vs-real floor")
+    vf.add_argument("run")
+    vf.add_argument("--n", type=int, default=1000)
+    vf.add_argument("--seed", type=int, default=0)
+    vf.set_defaults(fn=cmd_eval)
+
+    e = sub.add_parser("explain", help="figures: forward, reverse, latent")
+    e.add_argument("what", choices=["forward", "reverse", "latent"])
     e.add_argument("run", nargs="?", help="run folder (for reverse)")
     e.add_argument("--out", help="output PNG")
     e.set_defaults(fn=cmd_explain)

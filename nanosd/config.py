@@ -1,11 +1,13 @@
 """Configs are small dataclasses read from TOML files, with `section.key=value` overrides on the command line."""
 import dataclasses
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
 
+from .autoencoder import AutoencoderConfig
 from .schedule import PREDICTIONS, SCHEDULES
 from .unet import UNetConfig
 
@@ -22,6 +24,7 @@ class DiffusionConfig:
     timesteps: int = 1000
     prediction: str = "eps"  # what the U-Net predicts: eps, v or x0
     loss_weighting: str = "none"  # none (L_simple) or min_snr (Hang et al. 2023, gamma 5)
+    scale_factor: float = 0.0  # latent models: z = scale_factor * E(x); 0: 1/std of the data's latents
 
     def validate(self):
         if self.schedule not in SCHEDULES:
@@ -65,14 +68,25 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig | None = None  # present: a latent diffusion model over this autoencoder
+    autoencoder_train: TrainConfig | None = None  # how to train that autoencoder when none is given
 
     def validate(self):
         self.unet.validate()
         self.diffusion.validate()
-        if self.data.size % self.unet.factor:
-            raise ValueError(f"data.size {self.data.size} is not divisible by the U-Net's factor {self.unet.factor} "
-                             f"(2^(levels-1)): use a size that is a multiple of {self.unet.factor}, or fewer levels")
+        factor = self.unet.factor
+        if self.autoencoder:
+            self.autoencoder.validate()
+            factor *= self.autoencoder.factor
+        if self.data.size % factor:
+            raise ValueError(f"data.size {self.data.size} is not divisible by the model's factor {factor} "
+                             f"(2^(levels-1) of the U-Net{' times the autoencoder' if self.autoencoder else ''}): "
+                             f"use a multiple of {factor}, or fewer levels")
         return self
+
+    @property
+    def latent_size(self):
+        return self.data.size // (self.autoencoder.factor if self.autoencoder else 1)
 
 
 def _build(cls, values: dict, where: str):
@@ -83,6 +97,8 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for name, value in values.items():
         sub = known[name].type
+        if isinstance(sub, types.UnionType):  # an optional section: `X | None`
+            sub = next(a for a in sub.__args__ if a is not type(None))
         if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
                 raise ValueError(f"config key {where}{name} must be a table [{name}]")

@@ -77,11 +77,45 @@ def reverse_figure(out, run, n_show=8, seed=0):
     return out
 
 
+@torch.no_grad()
+def latent_figure(out, run, n=6):
+    """Held-out images, each channel of their latents z = E(x), and the reconstructions D(z), side by side."""
+    from .data import load_dataset
+    from .pipeline import load
+
+    plt = _plt()
+    pipe = load(run)
+    if pipe.autoencoder is None:
+        raise ValueError(f"{run} is a pixel-space model: explain latent needs a latent model (with an autoencoder)")
+    x = load_dataset(pipe.cfg.data.name, pipe.cfg.data.size, split="test").images[:n]
+    z = pipe.autoencoder.encode(x).mode()
+    rec = pipe.autoencoder.decode(z)
+    c = z.shape[1]
+    fig, axes = plt.subplots(n, c + 2, figsize=(1.3 * (c + 2), 1.3 * n), squeeze=False)
+    for r in range(n):
+        _show(axes[r, 0], x[r], "x" if r == 0 else None)
+        for k in range(c):
+            ax = axes[r, 1 + k]
+            ax.imshow(z[r, k].numpy(), cmap="RdBu_r")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"z[{k}]", fontsize=8)
+        _show(axes[r, -1], rec[r], "D(E(x))" if r == 0 else None)
+    f = pipe.autoencoder.cfg.factor
+    fig.suptitle(f"{x.shape[-1]} px images, {c}x{z.shape[-1]}x{z.shape[-1]} latents (f={f}), reconstructions",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def run(what, run_dir=None, out=None):
     if what == "forward":
         return forward_figure(out or "forward.png")
-    if what == "reverse":
-        if run_dir is None:
-            raise ValueError("explain reverse needs a run folder: nanosd explain reverse RUN")
-        return reverse_figure(out or Path(run_dir) / "reverse.png", run_dir)
-    raise ValueError(f"unknown figure {what!r}: choose forward or reverse")
+    figures = {"reverse": reverse_figure, "latent": latent_figure}
+    if what not in figures:
+        raise ValueError(f"unknown figure {what!r}: choose forward, reverse or latent")
+    if run_dir is None:
+        raise ValueError(f"explain {what} needs a run folder: nanosd explain {what} RUN")
+    return figures[what](out or Path(run_dir) / f"{what}.png", run_dir)

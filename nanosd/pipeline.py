@@ -13,8 +13,11 @@ from .unet import UNet
 
 
 class Pipeline:
-    def __init__(self, unet: UNet, schedule: Schedule, cfg: Config):
+    """Pixel models have no autoencoder; latent models sample z and decode x = D(z / scale_factor)."""
+
+    def __init__(self, unet: UNet, schedule: Schedule, cfg: Config, autoencoder=None):
         self.unet, self.schedule, self.cfg = unet.eval(), schedule, cfg
+        self.autoencoder = autoencoder.eval() if autoencoder is not None else None
 
     def denoiser(self):
         """model(x, t) -> eps, whatever the U-Net was trained to predict. With sample.clip_x0 (pixel models),
@@ -42,16 +45,24 @@ class Pipeline:
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
         self.last = {"Steps": steps, "Sampler": sampler, "Seed": seed}  # for the PNG's parameters
         g = torch.Generator().manual_seed(seed)
-        size, ch = self.cfg.data.size, self.cfg.unet.in_channels
+        size, ch = self.cfg.latent_size, self.cfg.unet.in_channels
         x = torch.randn((n, ch, size, size), generator=g) if latents is None else latents
         kwargs = {} if sampler == "ddpm" else {"eta": self.cfg.sample.eta if eta is None else eta}
         x0 = sample_fn(self.denoiser(), x, self.schedule.steps(steps), generator=g, callback=callback, **kwargs)
-        images = ((x0 + 1) / 2).clamp(0, 1)
+        if output == "latent":
+            return x0
+        images = ((self.decode(x0) + 1) / 2).clamp(0, 1)
         if output == "tensor":
             return images
         if output != "pil":
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+            raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         return [to_pil(im) for im in images]
+
+    def decode(self, z):
+        """Model space -> pixels in [-1, 1] (the identity for pixel models)."""
+        if self.autoencoder is None:
+            return z
+        return torch.cat([self.autoencoder.decode(b / self.cfg.diffusion.scale_factor) for b in z.split(64)])
 
 
 def infotext(pipe: Pipeline, size, model: str) -> str:
@@ -95,6 +106,22 @@ def save_grid(images: torch.Tensor, path, parameters: str | None = None, nrow=No
     save_png(grid(images, nrow), path, parameters)
 
 
+def load_autoencoder(folder, model_dir=None):
+    """The autoencoder in `folder` (config.toml with [autoencoder] + model.safetensors)."""
+    from .autoencoder import Autoencoder
+
+    folder = Path(folder)
+    who = f"latent model {model_dir}: its autoencoder {folder}" if model_dir else f"autoencoder {folder}"
+    if not (folder / "model.safetensors").is_file() or not (folder / "config.toml").is_file():
+        raise FileNotFoundError(f"{who} is missing (no model.safetensors and config.toml there)")
+    ae_cfg = load_config(folder / "config.toml").autoencoder
+    if ae_cfg is None:
+        raise ValueError(f"{who} has no [autoencoder] section in its config.toml")
+    ae = Autoencoder(ae_cfg)
+    load_into(ae, load_tensors(folder / "model.safetensors"), who)
+    return ae.eval()
+
+
 def load(path) -> Pipeline:
     """Load a run folder trained here (config.toml + model.safetensors with the EMA weights)."""
     path = Path(path)
@@ -104,4 +131,8 @@ def load(path) -> Pipeline:
     unet = UNet(cfg.unet)
     load_into(unet, load_tensors(path / "model.safetensors"), f"{path / 'model.safetensors'}")
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    return Pipeline(unet, schedule, cfg)
+    ae = load_autoencoder(path / "autoencoder", path) if cfg.autoencoder else None
+    if ae is not None and ae.cfg.z_channels != cfg.unet.in_channels:
+        raise ValueError(f"latent model {path}: its autoencoder {path / 'autoencoder'} makes {ae.cfg.z_channels}-channel "
+                         f"latents but the U-Net reads {cfg.unet.in_channels}")
+    return Pipeline(unet, schedule, cfg, ae)

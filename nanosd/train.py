@@ -5,8 +5,11 @@ Every random draw of step k (batch order, t, noise, dropout) comes from generato
 so a resumed run needs only the weights, the optimizer moments and k to continue exactly where it stopped.
 """
 import copy
+import dataclasses
+import hashlib
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_path, load_tensors, save_tensors
 from .config import Config, TrainConfig, dump_config, load_config
-from .data import load_dataset
+from .data import ImageSet, cache_dir, load_dataset
 from .schedule import Schedule
 from .unet import UNet
 
@@ -32,23 +35,33 @@ def step_seed(seed: int, step: int) -> int:
 
 
 class Trainer:
-    def __init__(self, run_dir, model, loss_fn, data, cfg: TrainConfig, *, on_sample=None, device="cpu"):
-        self.run_dir, self.cfg, self.data, self.loss_fn = Path(run_dir), cfg, data, loss_fn
+    """Trains `model` on `loss_fn(model, batch, generator, step)`, which returns the loss or a dict of terms with
+    "loss" among them. A loss that learns (an nn.Module: the autoencoder's discriminator) is optimised too.
+    `evaluate(step, ema_model)` writes grids and may return metrics for the log; it runs every sample_every steps."""
+
+    def __init__(self, run_dir, model, loss_fn, data, cfg: TrainConfig, *, evaluate=None, device="cpu"):
+        self.run_dir, self.cfg, self.data = Path(run_dir), cfg, data
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.on_sample = on_sample
+        self.params = list(self.model.parameters()) + list(self.loss_modules().parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.evaluate = evaluate
         self.step, self.elapsed = 0, 0.0
         if not cfg.steps and not cfg.minutes:
             raise ValueError("no training budget: set train.steps or --minutes")
         if len(data) < cfg.batch_size:
             raise ValueError(f"data set has {len(data)} images, fewer than train.batch_size={cfg.batch_size}")
 
+    def loss_modules(self) -> torch.nn.Module:
+        return self.loss_fn if isinstance(self.loss_fn, torch.nn.Module) else torch.nn.Module()
+
     # --- state ---
     def state_tensors(self):
         t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         t.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        t.update({f"loss.{k}": v for k, v in self.loss_modules().state_dict().items()})
         for i, s in self.opt.state_dict()["state"].items():
             t.update({f"optim.{i}.{k}": v for k, v in s.items()})
         return t
@@ -69,6 +82,7 @@ class Trainer:
             meta = f.metadata()
         self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
+        self.loss_modules().load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("loss.")})
         opt_state = self.opt.state_dict()
         for k, v in t.items():
             if k.startswith("optim."):
@@ -109,17 +123,18 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-            loss = self.loss_fn(self.model, batch, g)
+            terms = self.loss_fn(self.model, batch, g, self.step)
+        terms = terms if isinstance(terms, dict) else {"loss": terms}
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
         self.opt.step()
         decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
         self.step += 1
-        return loss.item(), lr
+        return {k: float(v) for k, v in terms.items()}, lr
 
     def fit(self):
         c = self.cfg
@@ -131,24 +146,24 @@ class Trainer:
         try:
             while not self.done():
                 t0 = time.perf_counter()
-                loss, lr = self.train_step()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {self.step}: lower train.lr or enable grad_clip")
+                terms, lr = self.train_step()
+                if not math.isfinite(terms["loss"]):
+                    raise FloatingPointError(f"loss is {terms['loss']} at step {self.step}: lower train.lr")
                 self.elapsed += time.perf_counter() - t0
-                losses.append(loss)
+                losses.append(terms)
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.done():
                     ips = len(losses) * c.batch_size / (time.perf_counter() - t_log)
-                    rec = {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr,
-                           "images_per_s": round(ips, 1), "elapsed_s": round(self.elapsed, 1)}
+                    rec = {"step": self.step, **{k: sum(d[k] for d in losses) / len(losses) for k in losses[0]},
+                           "lr": lr, "images_per_s": round(ips, 1), "elapsed_s": round(self.elapsed, 1)}
                     log.write(json.dumps(rec) + "\n"), log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{ips:.0f}")
                     losses, t_log = [], time.perf_counter()
                 if self.step % c.checkpoint_every == 0 and not self.done():
                     self.save()
-                if self.on_sample and c.sample_every and self.step % c.sample_every == 0 and not self.done():
+                if self.evaluate and c.sample_every and self.step % c.sample_every == 0 and not self.done():
                     t0 = time.perf_counter()
-                    self.on_sample(self.step, self.ema)
+                    self.run_evaluate(log)
                     self.elapsed += time.perf_counter() - t0  # the wall-clock budget includes the grids
         except KeyboardInterrupt:
             self.save()
@@ -160,13 +175,19 @@ class Trainer:
             log.close()
         bar.close()
         self.save()
-        if self.on_sample:
-            self.on_sample(self.step, self.ema)
+        if self.evaluate:
+            with open(self.run_dir / METRICS, "a") as log:
+                self.run_evaluate(log)
+
+    def run_evaluate(self, log):
+        metrics = self.evaluate(self.step, self.ema)
+        if metrics:
+            log.write(json.dumps({"step": self.step, **metrics}) + "\n"), log.flush()
 
 
 # --- the diffusion recipe ---
 
-def diffusion_loss(unet, batch, g, *, schedule: Schedule, prediction="eps", weighting="none"):
+def diffusion_loss(unet, batch, g, step=None, *, schedule: Schedule, prediction="eps", weighting="none"):
     """L_simple = E_{t, eps} || target - net(x_t, t) ||^2 with t uniform, target eps (or v, or x0)."""
     x0 = batch["image"]
     t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=g, device=g.device)
@@ -181,11 +202,8 @@ def diffusion_loss(unet, batch, g, *, schedule: Schedule, prediction="eps", weig
     return per_image.mean()
 
 
-def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, progress=True):
-    """Train (or resume) the recipe `cfg` in `run_dir`. With cfg None, resume the run folder's own config."""
-    from .pipeline import Pipeline, save_grid
-
-    run_dir = Path(run_dir)
+def _open_run(cfg: Config | None, run_dir: Path, minutes, steps) -> Config:
+    """The run's config: a new one (refused if the folder holds another run) or the folder's own, to resume."""
     stored = run_dir / CONFIG
     if cfg is None:
         if not stored.exists():
@@ -194,6 +212,9 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, progress=Tru
     elif stored.exists() and (run_dir / STATE).exists():
         old = load_config(stored)
         old.train.steps, old.train.minutes = cfg.train.steps, cfg.train.minutes
+        if old.autoencoder and cfg.autoencoder:
+            old.autoencoder.in_channels = cfg.autoencoder.in_channels
+        old.unet.in_channels, old.diffusion.scale_factor = cfg.unet.in_channels, cfg.diffusion.scale_factor
         if dump_config(old) != dump_config(cfg):
             raise ValueError(f"run folder {run_dir} holds a run of another config: choose a new --out, "
                              f"or resume it with 'nanosd train {run_dir}'")
@@ -201,32 +222,132 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, progress=Tru
         cfg.train.minutes = minutes
     if steps is not None:
         cfg.train.steps = steps
+    return cfg
 
-    data = load_dataset(cfg.data.name, cfg.data.size)
-    cfg.unet.in_channels = data.images.shape[1]
+
+def _write_config(cfg: Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(stored) as p:
+    with atomic_path(run_dir / CONFIG) as p:
         p.write_text(dump_config(cfg))
+
+
+def train_autoencoder(cfg: Config, ae_dir: Path, data, tcfg: TrainConfig, device="cpu"):
+    """Train (or finish) the autoencoder of a latent recipe in its own run folder; returns its EMA model."""
+    from .autoencoder import Autoencoder, AutoencoderLoss, psnr, ssim
+    from .pipeline import save_grid
+
+    _write_config(cfg, ae_dir)
+    held_out = load_dataset(cfg.data.name, cfg.data.size, split="test").images[:500]
+    if len(held_out) == 0:
+        held_out = data.images[:500]
+    torch.manual_seed(tcfg.seed)
+    ae = Autoencoder(cfg.autoencoder)
+
+    @torch.no_grad()
+    def evaluate(step, ema):
+        x = held_out.to(device)
+        rec = torch.cat([ema.decode(ema.encode(b).mode()) for b in x.split(100)])
+        a, b = ((x + 1) / 2).clamp(0, 1), ((rec + 1) / 2).clamp(0, 1)
+        n = min(8, len(a))
+        save_grid(torch.cat([a[:n], b[:n]]).cpu(), ae_dir / "reconstructions.png", nrow=n)
+        return {"psnr": round(psnr(a, b).mean().item(), 3), "ssim": round(ssim(a, b).mean().item(), 4)}
+
+    trainer = Trainer(ae_dir, ae, AutoencoderLoss(cfg.autoencoder), data, tcfg, evaluate=evaluate, device=device)
+    if trainer.resume():
+        print(f"resuming autoencoder {ae_dir} from step {trainer.step}")
+    if not trainer.done():
+        print(f"{sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M-parameter autoencoder (f={cfg.autoencoder.factor}), "
+              f"run folder {ae_dir}")
+        trainer.fit()
+    return trainer.ema.eval(), trainer.elapsed
+
+
+def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=None):
+    """Train (or resume) the recipe `cfg` in `run_dir`. With cfg None, resume the run folder's own config.
+    A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
+    same wall-clock budget, then the U-Net on the cached, scaled latents."""
+    from .pipeline import Pipeline, load_autoencoder, save_grid
+
+    run_dir = Path(run_dir)
+    cfg = _open_run(cfg, run_dir, minutes, steps)
+    data = load_dataset(cfg.data.name, cfg.data.size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tcfg, ae = cfg.train, None
+    if cfg.autoencoder:
+        ae_dir = run_dir / "autoencoder"
+        if autoencoder is not None:
+            _copy_autoencoder(Path(autoencoder), ae_dir)
+        if (ae_dir / WEIGHTS).exists() and not (ae_dir / STATE).exists():  # given, not trained here
+            ae, ae_minutes = load_autoencoder(ae_dir, run_dir), 0.0
+            cfg.autoencoder = load_config(ae_dir / CONFIG).autoencoder
+        else:
+            cfg.autoencoder.in_channels = data.images.shape[1]
+            ae_cfg = cfg.autoencoder_train or TrainConfig()
+            if not ae_cfg.steps and not ae_cfg.minutes:
+                if not tcfg.minutes:
+                    raise ValueError("set autoencoder_train.steps or .minutes, or give --minutes for the whole recipe")
+                ae_cfg = dataclasses.replace(ae_cfg, minutes=tcfg.minutes * AUTOENCODER_SHARE)
+            ae, ae_seconds = train_autoencoder(cfg, ae_dir, data, ae_cfg, device)
+            ae_minutes = ae_seconds / 60
+        if tcfg.minutes:  # the budget covers both models
+            tcfg = dataclasses.replace(tcfg, minutes=max(tcfg.minutes - ae_minutes, 1e-3))
+        latents = encode_dataset(ae, data, ae_dir, cfg)
+        if not cfg.diffusion.scale_factor:
+            cfg.diffusion.scale_factor = round(1 / latents.std().item(), 5)
+        data = ImageSet(latents * cfg.diffusion.scale_factor, data.labels, data.classes)
+    cfg.unet.in_channels = data.images.shape[1]
+    _write_config(cfg, run_dir)
 
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     unet = UNet(cfg.unet)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def loss_fn(model, batch, g):
+    def loss_fn(model, batch, g, step):
         return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
                               weighting=cfg.diffusion.loss_weighting)
 
-    def on_sample(step, ema):
-        pipe = Pipeline(ema, schedule, cfg)
-        images = pipe.generate(cfg.sample.n, seed=0, output="tensor")
+    def evaluate(step, ema):
+        images = Pipeline(ema, schedule, cfg, ae).generate(cfg.sample.n, seed=0, output="tensor")
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
         save_grid(images, run_dir / "samples.png")
 
-    trainer = Trainer(run_dir, unet, loss_fn, data, cfg.train, on_sample=on_sample, device=device)
+    trainer = Trainer(run_dir, unet, loss_fn, data, tcfg, evaluate=evaluate, device=device)
     if trainer.resume():
         print(f"resuming {run_dir} from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
-    print(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} images "
-          f"of {tuple(data.images.shape[1:])}, run folder {run_dir}")
+    print(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} "
+          f"{'latents' if ae else 'images'} of {tuple(data.images.shape[1:])}, run folder {run_dir}")
     trainer.fit()
     return run_dir
+
+
+AUTOENCODER_SHARE = 0.3  # of a latent recipe's wall-clock budget, when its autoencoder has none of its own
+
+
+def _copy_autoencoder(src: Path, dst: Path):
+    """Reuse a trained autoencoder: a latent run folder (its autoencoder/) or an autoencoder run folder."""
+    if (src / "autoencoder" / WEIGHTS).exists():
+        src = src / "autoencoder"
+    if not (src / WEIGHTS).exists() or not (src / CONFIG).exists():
+        raise FileNotFoundError(f"--autoencoder {src}: no {WEIGHTS} and {CONFIG} there (give a latent run folder "
+                                f"or its autoencoder/ folder)")
+    if load_config(src / CONFIG).autoencoder is None:
+        raise ValueError(f"--autoencoder {src}: its {CONFIG} has no [autoencoder] section")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG, WEIGHTS):
+        with atomic_path(dst / name) as p:
+            shutil.copyfile(src / name, p)
+
+
+@torch.no_grad()
+def encode_dataset(ae, data, ae_dir: Path, cfg: Config, batch=250):
+    """E(x) (the posterior mean) for every image, encoded once and cached by the autoencoder's weights."""
+    key = hashlib.sha256((ae_dir / WEIGHTS).read_bytes()).hexdigest()[:16]
+    name = hashlib.sha256(cfg.data.name.encode()).hexdigest()[:8]
+    path = cache_dir() / "latents" / f"{name}-{cfg.data.size}-{key}.safetensors"
+    if path.exists():
+        return load_tensors(path)["latents"]
+    device = next(ae.parameters()).device
+    latents = torch.cat([ae.encode(x.to(device)).mode().cpu()
+                         for x in tqdm(data.images.split(batch), desc="encoding latents", leave=False)])
+    save_tensors({"latents": latents}, path)
+    return latents

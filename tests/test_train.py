@@ -46,16 +46,16 @@ def test_an_interrupted_run_saves_and_resumes_to_the_same_weights(tmp_path, tiny
         torch.manual_seed(0)
         return Trainer(run, UNet(tiny_cfg.unet), loss_fn, tiny_data, tiny_cfg.train)
 
-    def loss(m, b, g):
+    def loss(m, b, g, step):
         return diffusion_loss(m, b, g, schedule=s)
 
     calls = []
 
-    def interrupted(m, b, g):
+    def interrupted(m, b, g, step):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return loss(m, b, g)
+        return loss(m, b, g, step)
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     make(tmp_path / "a", loss).fit()
@@ -111,7 +111,7 @@ def test_bad_input_gets_one_line_errors(tmp_path, tiny_cfg, image_folder, capsys
     cfg.write_text('[train]\nlrr = 1\n')
     one_line_error(capsys, ["train", str(cfg)], "unknown config key train.'lrr'")
     cfg.write_text('[data]\nsize = 30\n[unet]\nchannel_mult = [1, 2, 2]\n')
-    one_line_error(capsys, ["train", str(cfg)], "data.size 30 is not divisible by the U-Net's factor 4")
+    one_line_error(capsys, ["train", str(cfg)], "data.size 30 is not divisible by the model's factor 4")
     one_line_error(capsys, ["train", str(tmp_path / "nope.toml")], "not found")
     one_line_error(capsys, ["generate", str(tmp_path)], "is not a run folder")
     # a truncated checkpoint

@@ -1,0 +1,263 @@
+"""The KL-regularised autoencoder of latent diffusion: x -> E -> diagonal Gaussian over z -> D -> x.
+
+Attribute paths follow SD v1's `first_stage_model` (`encoder.down.N.block.M`, `encoder.mid.attn_1`,
+`quant_conv`, `decoder.up.N.upsample`, ...), so the SD VAE's tensors load as they are.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .unet import Upsample  # nearest x2 then a 3x3 conv, in both networks
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 1  # image channels (output channels too)
+    ch: int = 32
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2])  # f = 2^(len-1)
+    num_res_blocks: int = 1
+    z_channels: int = 4  # latent channels
+    attention: bool = True  # self-attention in the mid blocks, as SD's VAE
+    kl_weight: float = 1e-6
+    rec_loss: str = "l1"  # l1, l2 or l1+l2
+    disc_weight: float = 0.0  # 0: no patch discriminator
+    disc_start: int = 2000  # step at which the discriminator loss switches on
+    disc_channels: int = 32
+
+    @property
+    def factor(self):
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def validate(self):
+        for c in [self.ch * m for m in self.ch_mult]:
+            if c % 32:
+                raise ValueError(f"autoencoder: channels {c} (ch x ch_mult) must be a multiple of 32 for GroupNorm(32)")
+        if self.rec_loss not in ("l1", "l2", "l1+l2"):
+            raise ValueError(f"autoencoder.rec_loss {self.rec_loss!r} is unknown: choose l1, l2 or l1+l2")
+
+
+def normalize(ch):
+    return nn.GroupNorm(32, ch, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = normalize(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = normalize(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions, with 1x1-conv projections."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = normalize(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (p(h).reshape(B, 1, C, H * W).transpose(2, 3) for p in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as the original
+
+
+def _mid(ch, attention):
+    mid = nn.Module()
+    mid.block_1, mid.block_2 = ResnetBlock(ch, ch), ResnetBlock(ch, ch)
+    mid.attn_1 = AttnBlock(ch) if attention else nn.Identity()
+    return mid
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = c.ch
+        for level, mult in enumerate(c.ch_mult):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            for _ in range(c.num_res_blocks):
+                stage.block.append(ResnetBlock(cin, c.ch * mult))
+                cin = c.ch * mult
+            stage.attn = nn.ModuleList()
+            if level != len(c.ch_mult) - 1:
+                stage.downsample = Downsample(cin)
+            self.down.append(stage)
+        self.mid = _mid(cin, c.attention)
+        self.norm_out = normalize(cin)
+        self.conv_out = nn.Conv2d(cin, 2 * c.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for stage in self.down:
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        cin = c.ch * c.ch_mult[-1]
+        self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
+        self.mid = _mid(cin, c.attention)
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.ch_mult))):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            for _ in range(c.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(cin, c.ch * mult))
+                cin = c.ch * mult
+            stage.attn = nn.ModuleList()
+            if level != 0:
+                stage.upsample = Upsample(cin)
+            self.up.insert(0, stage)  # up[i] is level i, as in the original
+        self.norm_out = normalize(cin)
+        self.conv_out = nn.Conv2d(cin, c.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for stage in reversed(self.up):
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    def __init__(self, moments):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = (0.5 * self.logvar).exp()
+
+    def sample(self, generator=None):
+        return self.mean + self.std * torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                                                  dtype=self.mean.dtype)
+
+    def mode(self):
+        return self.mean
+
+    def kl(self):
+        """KL(N(mean, var) || N(0, I)) per image, summed over latent elements."""
+        return 0.5 * (self.mean**2 + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def encode(self, x) -> DiagonalGaussian:
+        f = self.cfg.factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's factor {f}")
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x, generator=None):
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
+
+# --- training: reconstruction + KL, and the LDM paper's optional patch discriminator ---
+
+class PatchDiscriminator(nn.Module):
+    """A PatchGAN (pix2pix) critic: one real/fake logit per overlapping patch."""
+
+    def __init__(self, in_channels, ch=32, layers=2):
+        super().__init__()
+        mods, c = [nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
+        for _ in range(layers - 1):
+            mods += [nn.Conv2d(c, c * 2, 4, 2, 1), nn.GroupNorm(32, c * 2), nn.LeakyReLU(0.2)]
+            c *= 2
+        mods += [nn.Conv2d(c, 1, 3, 1, 1)]
+        self.main = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+class AutoencoderLoss(nn.Module):
+    """|x - D(z)| (L1 and/or L2) + kl_weight KL, and after disc_start a hinge GAN term with the LDM adaptive weight
+    ||grad L_rec|| / ||grad L_G|| at the decoder's last layer. Generator and critic train in one backward pass:
+    the generator's term sees the critic through detached weights, the critic's terms see detached images."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.disc_weight:
+            self.discriminator = PatchDiscriminator(cfg.in_channels, cfg.disc_channels)
+
+    def forward(self, ae: Autoencoder, batch, g, step):
+        c = self.cfg
+        x = batch["image"]
+        rec, posterior = ae(x, generator=g)
+        err = rec.float() - x
+        rec_loss = {"l1": err.abs().mean(), "l2": err.pow(2).mean(), "l1+l2": err.abs().mean() + err.pow(2).mean()}[c.rec_loss]
+        kl = posterior.kl().mean() / x[0].numel()  # per pixel, like the reconstruction term
+        terms = {"rec": rec_loss, "kl": kl}
+        loss = rec_loss + c.kl_weight * kl
+        if c.disc_weight and step >= c.disc_start:
+            d = self.discriminator
+            frozen = {k: v.detach() for k, v in d.named_parameters()}
+            g_loss = -torch.func.functional_call(d, frozen, (rec,)).mean()
+            last = ae.decoder.conv_out.weight
+            gr = torch.autograd.grad(rec_loss, last, retain_graph=True)[0].norm()
+            gg = torch.autograd.grad(g_loss, last, retain_graph=True)[0].norm()
+            weight = (gr / (gg + 1e-4)).clamp(0, 1e4).detach() * c.disc_weight
+            d_loss = 0.5 * (F.relu(1 - d(x)).mean() + F.relu(1 + d(rec.detach())).mean())
+            loss = loss + weight * g_loss + d_loss
+            terms.update(g=g_loss, d=d_loss)
+        terms["loss"] = loss
+        return terms
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB per image, for images in [0, 1]."""
+    return -10 * torch.log10((a - b).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10))
+
+
+def ssim(a, b, window=7, sigma=1.5):
+    """Structural similarity (Wang et al. 2004) per image, Gaussian window, for images in [0, 1]."""
+    coords = torch.arange(window, dtype=torch.float32) - window // 2
+    g1 = torch.exp(-coords**2 / (2 * sigma**2))
+    g1 = g1 / g1.sum()
+    kernel = (g1[:, None] * g1[None]).expand(a.shape[1], 1, window, window)
+    blur = lambda x: F.conv2d(x, kernel, groups=a.shape[1])
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean(dim=(1, 2, 3))
