@@ -124,14 +124,17 @@ def _load_folder(folder: Path, size: int) -> ImageSet:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = [Image.open(f) for f in files]
+    gray = all(im.mode in ("L", "1", "I;16") for im in images)  # a gray folder stays one channel
     arrays = []
-    for f in files:
-        im = Image.open(f)
-        im = im.convert("RGBA") if im.mode in ("P", "LA", "RGBA") else im.convert("RGB")
-        if im.mode == "RGBA":  # composite transparency onto white
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im).convert("RGB")
-        arrays.append(np.asarray(im.resize((size, size), Image.BICUBIC)))
+    for im in images:
+        if gray:
+            im = im.convert("L")
+        elif im.mode in ("P", "LA", "RGBA"):  # composite transparency onto white
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+        im = im.convert("L" if gray else "RGB").resize((size, size), Image.BICUBIC)
+        a = np.asarray(im)
+        arrays.append(a[..., None] if gray else a)
     return ImageSet(_to_float(torch.from_numpy(np.stack(arrays)), size), None, [])
 
 

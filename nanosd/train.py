@@ -134,7 +134,7 @@ class Trainer:
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
         self.step += 1
-        return {k: float(v) for k, v in terms.items()}, lr
+        return {k: float(v.detach()) for k, v in terms.items()}, lr
 
     def fit(self):
         c = self.cfg

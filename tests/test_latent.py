@@ -109,6 +109,7 @@ def test_tiny_autoencoder_then_latent_diffusion_end_to_end(tmp_path, latent_cfg,
 
 def test_a_missing_or_mismatched_autoencoder_is_named(tmp_path, latent_cfg, capsys):
     run = train(latent_cfg, tmp_path / "run")
+    capsys.readouterr()  # drop the training's progress bars
     cfg_file = run / "autoencoder" / "config.toml"
     cfg_file.write_text(cfg_file.read_text().replace("z_channels = 3", "z_channels = 5"))
     assert main(["generate", str(run)]) == 2

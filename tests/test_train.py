@@ -117,6 +117,7 @@ def test_bad_input_gets_one_line_errors(tmp_path, tiny_cfg, image_folder, capsys
     # a truncated checkpoint
     tiny_cfg.data.name = str(image_folder)
     run = train(tiny_cfg, tmp_path / "run", steps=1)
+    capsys.readouterr()  # drop the training's progress bars
     data = (run / "model.safetensors").read_bytes()
     (run / "model.safetensors").write_bytes(data[: len(data) // 2])
     one_line_error(capsys, ["generate", str(run)], "unreadable or truncated")
