@@ -106,6 +106,10 @@ class ImageSet:
     def __len__(self):
         return len(self.images)
 
+    def spread(self, n: int) -> torch.Tensor:
+        """n images evenly spaced through the set (MNIST is stored sorted by digit: the first n would not do)."""
+        return self.images[torch.linspace(0, len(self) - 1, min(n, len(self))).long()]
+
 
 def _to_float(images_u8: torch.Tensor, size: int) -> torch.Tensor:
     x = images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1

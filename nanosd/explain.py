@@ -87,7 +87,7 @@ def latent_figure(out, run, n=6):
     pipe = load(run)
     if pipe.autoencoder is None:
         raise ValueError(f"{run} is a pixel-space model: explain latent needs a latent model (with an autoencoder)")
-    x = load_dataset(pipe.cfg.data.name, pipe.cfg.data.size, split="test").images[:n]
+    x = load_dataset(pipe.cfg.data.name, pipe.cfg.data.size, split="test").spread(n)
     z = pipe.autoencoder.encode(x).mode()
     rec = pipe.autoencoder.decode(z)
     c = z.shape[1]

@@ -80,9 +80,10 @@ def real_statistics(name: str, size: int, n: int, split="train"):
     if path.exists():
         t = load_tensors(path)
         return t["mu"].numpy(), t["sigma"].numpy()
-    images = load_dataset(name, size, split).images[:n]
-    if len(images) < n:
-        raise ValueError(f"data set {name} has {len(images)} {split} images, fewer than --n {n}")
+    data = load_dataset(name, size, split)
+    if len(data) < n:
+        raise ValueError(f"data set {name} has {len(data)} {split} images, fewer than --n {n}")
+    images = data.spread(n)
     mu, sigma = statistics(features((images + 1) / 2, desc=f"real {split} features"))
     save_tensors({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}, path)
     return mu, sigma

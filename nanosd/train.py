@@ -237,9 +237,8 @@ def train_autoencoder(cfg: Config, ae_dir: Path, data, tcfg: TrainConfig, device
     from .pipeline import save_grid
 
     _write_config(cfg, ae_dir)
-    held_out = load_dataset(cfg.data.name, cfg.data.size, split="test").images[:500]
-    if len(held_out) == 0:
-        held_out = data.images[:500]
+    held_out = load_dataset(cfg.data.name, cfg.data.size, split="test")
+    held_out = (held_out if len(held_out) else data).spread(500)
     torch.manual_seed(tcfg.seed)
     ae = Autoencoder(cfg.autoencoder)
 
