@@ -1,8 +1,8 @@
-# `make demo`: install, fetch MNIST, train the pixel recipe for 30 minutes, write a grid.
+# `make demo`: install, train the text-to-image MNIST recipe for 10 minutes, write a grid for fixed prompts.
 # `make test`: install and run the whole test suite.
 PY ?= python3
-RUN ?= runs/mnist-pixel
-MINUTES ?= 30
+RUN ?= runs/mnist-text
+MINUTES ?= 10
 
 .PHONY: install demo test bench
 
@@ -10,11 +10,10 @@ install:
 	$(PY) -m pip install -q -e '.[test]'
 
 demo: install
-	nanosd data get mnist
-	nanosd train configs/mnist-pixel.toml --out $(RUN) --minutes $(MINUTES)
-	nanosd generate $(RUN) --n 64 --seed 0 --out $(RUN)/grid.png
-	nanosd explain reverse $(RUN)
-	@echo "samples: $(RUN)/grid.png   sampling figure: $(RUN)/reverse.png"
+	nanosd train configs/mnist-text.toml --out $(RUN) --minutes $(MINUTES)
+	nanosd generate $(RUN) --prompts configs/mnist-text-prompts.txt --n 8 --seed 0 --out $(RUN)/grid.png
+	nanosd explain attention $(RUN) "a handwritten 7"
+	@echo "prompt grid: $(RUN)/grid.png (a row per line of configs/mnist-text-prompts.txt)   cross-attention: $(RUN)/attention.png"
 
 test: install
 	$(PY) -m pytest -q

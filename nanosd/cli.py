@@ -24,7 +24,13 @@ def cmd_generate(a):
 
     pipe = load(a.model)
     image, mask = (open_image(p) if p else None for p in (a.image, getattr(a, "mask", None)))
-    images = pipe.generate(a.prompt, a.negative, batch_size=a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg,
+    prompt, nrow = a.prompt, None
+    if a.prompts:  # a row of --n images for each line of the file
+        if a.prompt:
+            raise ValueError("give a prompt or --prompts FILE, not both")
+        lines = [line.strip() for line in Path(a.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompt, nrow = [p for p in lines for _ in range(a.n)], a.n
+    images = pipe.generate(prompt, a.negative, batch_size=a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg,
                            seed=a.seed, eta=a.eta, image=image, mask=mask, output="tensor")
     name = Path(a.model).name
     out = Path(a.out)
@@ -38,7 +44,7 @@ def cmd_generate(a):
     else:
         if out.suffix.lower() != ".png":
             raise ValueError(f"--out {a.out} must be a .png file (a grid) or a folder ending in '/'")
-        save_grid(images, out, infotext(pipe, images.shape[-2:], name))
+        save_grid(images, out, infotext(pipe, images.shape[-2:], name), nrow=nrow)
         print(f"wrote a grid of {len(images)} images to {out}")
 
 
@@ -96,6 +102,7 @@ def main(argv=None):
     def sampling(g, image=True):
         g.add_argument("--negative", help="negative prompt (classifier-free guidance steers away from it)")
         g.add_argument("--cfg", type=float, help="guidance scale (default: the run's condition.guidance)")
+        g.add_argument("--prompts", help="a text file of prompts, one per line: a row of --n images for each")
         if image:
             g.add_argument("--image", help="the spatial condition of a model trained with one (an edge map, ...)")
         g.add_argument("--n", type=int, default=16)
