@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -140,3 +141,21 @@ def test_clip_x0_keeps_the_predicted_image_in_the_data_range(tiny_cfg):
         Pipeline(unet, Schedule("linear"), tiny_cfg).generate(
             batch_size=2, seed=0, output="tensor", callback=lambda i, t, x, x0: seen.append((clip, x0.abs().max().item())))
     assert max(m for c, m in seen if c) <= 1 + 1e-5 < max(m for c, m in seen if not c)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_its_floor(tmp_path, tiny_cfg, tiny_data):
+    tiny_cfg.train.steps, tiny_cfg.train.warmup_steps, tiny_cfg.train.lr_min_ratio = 100, 10, 0.05
+    trainer = Trainer(tmp_path, UNet(tiny_cfg.unet), None, tiny_data, tiny_cfg.train)
+    lrs = []
+    for step in range(100):
+        trainer.step = step
+        lrs.append(trainer.learning_rate())
+    lr = tiny_cfg.train.lr
+    assert lrs[0] == lr / 10 and abs(lrs[9] - lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.09)))) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and abs(lrs[50] - lr * 0.525) < 1e-12
+    trainer.step = 100
+    assert abs(trainer.learning_rate() - 0.05 * lr) < 1e-12
+    trainer.cfg.lr_decay, trainer.step = "constant", 80
+    assert trainer.learning_rate() == lr
+    trainer.cfg.steps, trainer.cfg.minutes, trainer.elapsed, trainer.cfg.lr_decay = 0, 10, 300, "cosine"
+    assert abs(trainer.learning_rate() - lr * 0.525) < 1e-12  # half the wall-clock budget spent
