@@ -99,8 +99,7 @@ class Conditioner(nn.Module):
                 if p not in self.classes:
                     raise ValueError(f"prompt {p!r} is not one of this model's classes: {', '.join(self.classes)}")
             else:
-                limit = self.text.tokenizer.max_length - 2
-                n = len(self.text.tokenizer.tokens(p)) - (2 if self.cfg.encoder == "minilm" else 0)
+                limit, n = self.text.tokenizer.max_length - 2, len(self.text.tokenizer.ids(p))
                 if n > limit:
                     raise ValueError(f"prompt is {n} tokens long, over this model's {limit}: shorten it")
 

@@ -121,9 +121,10 @@ def _fetch_emoji(tmp: Path):
 
     pkg = _npm_file("emoji-datasource-google@16.0.0", tmp)
     folder = pkg / "img" / "google" / "64"
-    categories = sorted({e["category"] for e in json.loads((pkg / "emoji.json").read_text())})
+    entries = json.loads((pkg / "emoji.json").read_text())
+    categories = sorted({e["category"] for e in entries})
     images, labels, captions = [], [], []
-    for e in json.loads((pkg / "emoji.json").read_text()):
+    for e in entries:
         name = (e["name"] or e["short_name"].replace("_", " ")).lower()
         shorts = [s.replace("_", " ") for s in e["short_names"]]
         variants = [(e["image"], "")] + [(v["image"], " with " + " and ".join(SKIN_TONES[t] for t in key.split("-")) +
@@ -168,9 +169,12 @@ class ImageSet:
     def __len__(self):
         return len(self.images)
 
+    def spread_index(self, n: int) -> torch.Tensor:
+        """n indices evenly spaced through the set (MNIST is stored sorted by digit: the first n would not do)."""
+        return torch.linspace(0, len(self) - 1, min(n, len(self))).long()
+
     def spread(self, n: int) -> torch.Tensor:
-        """n images evenly spaced through the set (MNIST is stored sorted by digit: the first n would not do)."""
-        return self.images[torch.linspace(0, len(self) - 1, min(n, len(self))).long()]
+        return self.images[self.spread_index(n)]
 
 
 def _to_float(images_u8: torch.Tensor, size: int) -> torch.Tensor:

@@ -62,7 +62,8 @@ def reverse_figure(out, run, prompt=None, n_show=8, seed=0):
     plt = _plt()
     pipe = load(run)
     frames = []
-    pipe.generate(prompt, batch_size=1, seed=seed, output="tensor", callback=lambda i, t, x, x0: frames.append((int(t), x[0], x0[0])))
+    pipe.generate(prompt, batch_size=1, seed=seed, output="tensor",
+                  callback=lambda i, t, x, x0: frames.append((int(t), x[0], x0[0])))
     pick = sorted(set(round(i * (len(frames) - 1) / (n_show - 1)) for i in range(n_show)))
     fig, axes = plt.subplots(2, len(pick), figsize=(1.4 * len(pick), 3.2), squeeze=False)
     for c, i in enumerate(pick):
@@ -116,6 +117,7 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
     import torch.nn.functional as F
 
     from .pipeline import load
+    from .unet import BasicTransformerBlock
 
     plt = _plt()
     pipe = load(run)
@@ -124,7 +126,7 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
         raise ValueError(f"explain attention needs a text-conditioned model, and {run} is not one")
     if not prompt:
         raise ValueError('explain attention needs a prompt: nanosd explain attention RUN "a prompt"')
-    layers = [m for m in pipe.unet.modules() if m.__class__.__name__ == "BasicTransformerBlock" and m.has_context]
+    layers = [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock) and m.has_context]
     size, maps = pipe.cfg.latent_size, []
 
     def step(i, t, x, x0):  # average this step's maps (conditional half of the guided batch) over layers

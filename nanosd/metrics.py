@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .autoencoder import psnr
 from .condition import edge_map
 from .data import load_dataset
-from .pipeline import load
+from .pipeline import load, sample_from_derived
 
 
 @torch.no_grad()
@@ -24,10 +24,8 @@ def evaluate_concat(run, n=200, seed=0, batch=50) -> dict:
     out = {}
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        image, mask = c.derive(xb, torch.Generator().manual_seed(seed + i))
-        shown = image if c.cfg.concat == "edges" else (image + 1) / 2
-        y = pipe.generate(prompts[i:i + batch] if prompts else None, batch_size=len(xb), seed=seed + i, image=shown,
-                          mask=mask, output="tensor") * 2 - 1
+        y, shown, mask = sample_from_derived(pipe, xb, prompts[i:i + batch] if prompts else None, seed + i)
+        y = y * 2 - 1
         if c.cfg.concat == "inpaint":
             rec = pipe.decode(c.to_model_space(xb)) if pipe.autoencoder else xb
             keep = (1 - mask).expand_as(xb)
@@ -35,13 +33,13 @@ def evaluate_concat(run, n=200, seed=0, batch=50) -> dict:
                      "autoencoder_kept_mae": ((rec - xb).abs() * keep).sum() / keep.sum(),
                      "hole_mae": ((y - xb).abs() * (1 - keep)).sum() / (1 - keep).sum().clamp(min=1)}
         elif c.cfg.concat == "lowres":
-            bicubic = F.interpolate(image, size=xb.shape[-2:], mode="bicubic").clamp(-1, 1)
+            bicubic = F.interpolate(shown * 2 - 1, size=xb.shape[-2:], mode="bicubic").clamp(-1, 1)
             terms = {"psnr": psnr((y + 1) / 2, (xb + 1) / 2).mean(),
                      "bicubic_psnr": psnr((bicubic + 1) / 2, (xb + 1) / 2).mean()}
         else:
             e = edge_map(y)
-            tp = (e * image).sum()
-            terms = {"edge_f1": 2 * tp / (e.sum() + image.sum()).clamp(min=1)}
+            tp = (e * shown).sum()  # the edge map itself, 0 and 1
+            terms = {"edge_f1": 2 * tp / (e.sum() + shown.sum()).clamp(min=1)}
         for k, v in terms.items():
             out[k] = out.get(k, 0.0) + float(v) * len(xb) / len(x)
     return out

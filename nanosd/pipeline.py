@@ -150,15 +150,21 @@ class Pipeline:
         return torch.cat([self.autoencoder.decode(b / self.cfg.diffusion.scale_factor) for b in z.split(64)])
 
 
-def condition_rows(pipe: Pipeline, pixels: torch.Tensor, prompts=None, seed=0) -> torch.Tensor:
-    """For a model with a spatial condition: rows of (condition, sample, original) for images in [-1, 1], the
-    conditions derived from them as in training (a random hole, the edges, the image made smaller)."""
+def sample_from_derived(pipe: Pipeline, pixels: torch.Tensor, prompts=None, seed=0):
+    """For a model with a spatial condition: samples conditioned on what images in [-1, 1] give, derived as in
+    training (a random hole, the edges, the image made smaller). Returns (samples, condition image, mask), the
+    samples and the condition image in [0, 1]."""
     c = pipe.conditioner
     image, mask = c.derive(pixels, torch.Generator().manual_seed(seed))
-    show = image if c.cfg.concat == "edges" else (image + 1) / 2
-    n = len(pixels)
-    samples = pipe.generate(prompts, batch_size=n, seed=seed, image=show, mask=mask, output="tensor")
-    if c.cfg.concat == "inpaint":
+    shown = image if c.cfg.concat == "edges" else (image + 1) / 2
+    samples = pipe.generate(prompts, batch_size=len(pixels), seed=seed, image=shown, mask=mask, output="tensor")
+    return samples, shown, mask
+
+
+def condition_rows(pipe: Pipeline, pixels: torch.Tensor, prompts=None, seed=0) -> torch.Tensor:
+    """Rows of (condition, sample, original) for images in [-1, 1] (see sample_from_derived)."""
+    samples, show, mask = sample_from_derived(pipe, pixels, prompts, seed)
+    if pipe.conditioner.cfg.concat == "inpaint":
         show = show * (1 - mask) + 0.5 * mask  # the hole in gray
     show = torch.nn.functional.interpolate(show, size=samples.shape[-2:], mode="nearest")
     return torch.cat([show.expand(-1, samples.shape[1], -1, -1), samples, (pixels + 1) / 2])

@@ -85,7 +85,8 @@ class CLIPTokenizer:
             text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         return regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
 
-    def tokens(self, text: str) -> list[int]:
+    def ids(self, text: str) -> list[int]:
+        """The text's token ids, without the start and end tokens and untruncated."""
         ids = []
         for word in self.pattern.findall(self.normalize(text)):
             if word in ("<|startoftext|>", "<|endoftext|>"):
@@ -98,14 +99,14 @@ class CLIPTokenizer:
         """The tokens a text becomes, readable, with the start and end tokens (for figures)."""
         decoder = {v: k for k, v in self.byte_encoder.items()}
         names = {i: t for t, i in self.encoder.items()}
-        words = [names[i].replace("</w>", "") for i in self.tokens(text)[: self.max_length - 2]]
+        words = [names[i].replace("</w>", "") for i in self.ids(text)[: self.max_length - 2]]
         words = [bytes(decoder[c] for c in w).decode("utf-8", "replace") for w in words]
         return ["<start>"] + words + ["<end>"]
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         out = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         for i, text in enumerate(texts):
-            ids = [self.bos] + self.tokens(text)[: self.max_length - 2] + [self.eos]
+            ids = [self.bos] + self.ids(text)[: self.max_length - 2] + [self.eos]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
@@ -221,8 +222,13 @@ class WordPieceTokenizer:
         names = {i: w for w, i in self.vocab.items()}
         return [names[i] for i in self.tokens(text)]
 
+    def ids(self, text: str) -> list[int]:
+        """The text's token ids, without [CLS] and [SEP] and untruncated."""
+        return [i for w in self.words(text) for i in self.wordpiece(w)]
+
     def tokens(self, text: str) -> list[int]:
-        return [self.cls] + [i for w in self.words(text) for i in self.wordpiece(w)][: self.max_length - 2] + [self.sep]
+        """What the model reads: [CLS] ids [SEP], truncated to max_length."""
+        return [self.cls] + self.ids(text)[: self.max_length - 2] + [self.sep]
 
 
 class BertModel(nn.Module):

@@ -331,7 +331,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
             if cfg.condition.encoder == "labels":
                 cfg.sample.prompts = list(data.classes)
             elif data.captions and cfg.condition.encoder != "none":
-                idx = torch.linspace(0, len(data) - 1, len(data.classes) or 8).long().tolist()
+                idx = data.spread_index(len(data.classes) or 8).tolist()
                 cfg.sample.prompts = list(dict.fromkeys(data.captions[i][0] for i in idx))
         conditioner = bind_conditioner(Conditioner(cfg.condition), ae, cfg)
         for k, v in conditioner.unet_options(data.images.shape[1], cfg.autoencoder.in_channels if ae else
@@ -351,7 +351,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     def evaluate(step, ema):
         pipe, nrow = Pipeline.of(ema, schedule, cfg, ae), None
         if conditioner and cfg.condition.concat:  # rows: condition, sample, original
-            pixels = ImageSet(data.images if data.pixels is None else data.pixels, None, []).spread(8)
+            pixels = (data.images if data.pixels is None else data.pixels)[data.spread_index(8)]
             images, nrow = condition_rows(pipe, pixels, pipe.grid_prompts(len(pixels))), len(pixels)
         else:
             images = pipe.generate(pipe.grid_prompts(cfg.sample.n), batch_size=cfg.sample.n, seed=0, output="tensor")
