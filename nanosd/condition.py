@@ -43,15 +43,15 @@ class ConditionConfig:
 class Conditioner(nn.Module):
     """prompts (list of str) -> dict of U-Net keyword arguments. Its parameters are trained only for "clip"."""
 
-    def __init__(self, cfg: ConditionConfig):
+    def __init__(self, cfg: ConditionConfig, tokenizer=None):
         super().__init__()
         self.cfg, self.classes = cfg, cfg.classes
         # the tokenizer and encoder, outside state_dict: a frozen pretrained encoder is not saved with each run
-        text = TextConditioner(cfg.encoder, cfg.clip) if cfg.encoder in ("minilm", "clip") else None
+        text = TextConditioner(cfg.encoder, cfg.clip, tokenizer) if cfg.encoder in ("minilm", "clip") else None
         object.__setattr__(self, "text", text)
         if cfg.encoder == "clip":
             self.text_encoder = text.model  # trained here: it learns and saves with the U-Net
-        self.bind(lambda x: x)
+        self.bind(lambda x, generator=None: x)
 
     def bind(self, to_model_space):
         """How images reach the model's space (identity, or x -> scale * E(x).mode()), for inpainting."""
@@ -78,13 +78,14 @@ class Conditioner(nn.Module):
             return edge_map(pixels), None
         return F.avg_pool2d(pixels, self.cfg.sr_factor), None
 
-    def spatial(self, image, mask, size) -> torch.Tensor:
+    def spatial(self, image, mask, size, generator=None) -> torch.Tensor:
         """The channels concatenated to z_t (at `size`) from the condition image (and, for inpainting, the mask:
-        1 = the hole to fill)."""
+        1 = the hole to fill). With a generator, the masked image's latent is drawn from E's posterior (diffusers'
+        way, for SD's inpainting model); without, it is the posterior's mean (training)."""
         c = self.cfg.concat
         if c == "inpaint":
             with torch.no_grad():
-                masked = self.to_model_space(image * (mask < 0.5))
+                masked = self.to_model_space(image * (mask < 0.5), generator)
             return torch.cat([F.interpolate(mask, size=size, mode="nearest"), masked], 1)
         if c == "edges":
             return F.interpolate(image, size=size, mode="area") * 2 - 1
@@ -98,18 +99,18 @@ class Conditioner(nn.Module):
             if self.cfg.encoder == "labels":
                 if p not in self.classes:
                     raise ValueError(f"prompt {p!r} is not one of this model's classes: {', '.join(self.classes)}")
-            else:
+            elif self.cfg.encoder == "minilm":  # CLIP encoders take any length, in chunks
                 limit, n = self.text.tokenizer.max_length - 2, len(self.text.tokenizer.ids(p))
                 if n > limit:
                     raise ValueError(f"prompt is {n} tokens long, over this model's {limit}: shorten it")
 
-    def forward(self, prompts: list[str]) -> dict:
+    def forward(self, prompts: list[str], clip_skip: int = 1) -> dict:
         if not self.prompted:
             return {}
         if self.cfg.encoder == "labels":
             null = len(self.classes)
             return {"y": torch.tensor([self.classes.index(p) if p else null for p in prompts])}
-        context, mask = self.text(prompts)
+        context, mask = self.text(prompts, clip_skip) if self.cfg.encoder == "clip" else self.text(prompts)
         return {"context": context, "context_mask": mask}
 
     def training_prompts(self, captions: list[list[str]], labels, g: torch.Generator) -> list[str]:
@@ -162,5 +163,11 @@ class ConditionedUNet(nn.Module):
 def bind_conditioner(conditioner: Conditioner, autoencoder, cfg) -> Conditioner:
     """Give an inpainting conditioner the way into the model's space: scale * E(x) for latent models."""
     if autoencoder is None:
-        return conditioner
-    return conditioner.bind(lambda x: autoencoder.encode(x).mode() * cfg.diffusion.scale_factor)
+        return conditioner.bind(lambda x, generator=None: x)
+    return conditioner.bind(lambda x, generator=None: to_latent(autoencoder, x, cfg.diffusion.scale_factor, generator))
+
+
+def to_latent(autoencoder, x, scale, generator=None):
+    """scale * E(x): the posterior's mean, or a sample from it drawn with `generator`."""
+    posterior = autoencoder.encode(x)
+    return scale * (posterior.mode() if generator is None else posterior.sample(generator))

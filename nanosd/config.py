@@ -26,6 +26,10 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the U-Net predicts: eps, v or x0
     loss_weighting: str = "none"  # none (L_simple) or min_snr (Hang et al. 2023, gamma 5)
     scale_factor: float = 0.0  # latent models: z = scale_factor * E(x); 0: 1/std of the data's latents
+    beta_start: float = 0.0  # 0: the schedule's own (1e-4 linear, 0.00085 scaled_linear)
+    beta_end: float = 0.0  # 0: the schedule's own (0.02 linear, 0.012 scaled_linear)
+    steps_offset: int = 0  # added to leading-spaced timesteps (1 in SD v1's scheduler config)
+    set_alpha_to_one: bool = True  # alpha-bar after the last step: 1, or alpha-bar_0 (SD v1: false)
 
     def validate(self):
         if self.schedule not in SCHEDULES:

@@ -1,4 +1,5 @@
 """`load()` a model and `generate()` images: noise -> sampler(denoiser, steps) -> image."""
+import contextlib
 import math
 from pathlib import Path
 
@@ -6,52 +7,72 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .checkpoint import load_into, load_tensors
-from .condition import ConditionedUNet, Conditioner, bind_conditioner
+from .checkpoint import PREFIXES, load_into, load_tensors
+from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config, load_config
-from .samplers import get_sampler
+from .samplers import A1111_OF, canonical, get_sampler, make_steps, noised, start
 from .schedule import Schedule
 from .unet import UNet
 
 
 class Pipeline:
     """Pixel models have no autoencoder; latent models sample z and decode x = D(z / scale_factor).
-    Conditioned models take prompts (text, or class names) and classifier-free guidance."""
+    Conditioned models take prompts (text, or class names) and classifier-free guidance. One class for the models
+    trained here and for Stable Diffusion checkpoints."""
 
-    def __init__(self, unet: UNet, schedule: Schedule, cfg: Config, autoencoder=None, conditioner=None):
+    def __init__(self, unet: UNet, schedule: Schedule, cfg: Config, autoencoder=None, conditioner=None,
+                 precision="fp32"):
         self.unet, self.schedule, self.cfg = unet.eval(), schedule, cfg
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.conditioner = conditioner.eval() if conditioner is not None else None
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.precision = precision
 
     @classmethod
-    def of(cls, model, schedule, cfg, autoencoder=None):
+    def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32"):
         """From what the trainer trains: a UNet, or a ConditionedUNet."""
         if isinstance(model, ConditionedUNet):
-            return cls(model.unet, schedule, cfg, autoencoder, model.conditioner)
-        return cls(model, schedule, cfg, autoencoder)
+            return cls(model.unet, schedule, cfg, autoencoder, model.conditioner, precision)
+        return cls(model, schedule, cfg, autoencoder, precision=precision)
+
+    # diffusers' names for the parts
+    vae = property(lambda self: self.autoencoder)
+    text_encoder = property(lambda self: self.conditioner.text.model if self.conditioner and self.conditioner.text else None)
+    tokenizer = property(lambda self: self.conditioner.text.tokenizer if self.conditioner and self.conditioner.text else None)
+
+    def state_dict(self) -> dict:
+        """The weights in the original SD single-file layout (model.diffusion_model.*, first_stage_model.*,
+        cond_stage_model.transformer.text_model.*)."""
+        parts = {"unet": self.unet, "vae": self.autoencoder, "text_encoder": self.text_encoder}
+        return {PREFIXES[name] + k: v for name, m in parts.items() if m is not None for k, v in m.state_dict().items()}
 
     def grid_prompts(self, n):
         """n prompts for a grid: the config's sample.prompts, each for consecutive images (None if unconditioned)."""
         p = self.cfg.sample.prompts
         return [p[i * len(p) // n] for i in range(n)] if self.conditioner and self.conditioner.prompted and p else None
 
+    def _autocast(self):
+        return torch.autocast("cpu", torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+
     def denoiser(self, cond=None, uncond=None, scale=1.0):
         """model(x, t) -> eps, whatever the U-Net was trained to predict. With a condition and scale != 1,
-        classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond), both in one batch (eps, v
-        and x_0 are linear in each other at fixed x_t, so guiding the raw output is guiding eps).
-        With sample.clip_x0 (pixel models), the predicted x_0 is clipped to [-1, 1] and eps recomputed from it."""
+        classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond), both in one batch [uncond; cond]
+        as diffusers runs it (eps, v and x_0 are linear in each other at fixed x_t, so guiding the raw output is
+        guiding eps). With sample.clip_x0 (pixel models), the predicted x_0 is clipped to [-1, 1]."""
         pred, s = self.cfg.diffusion.prediction, self.schedule
         guided = cond is not None and scale != 1.0
-        if guided:  # one batch [cond; uncond]
-            cond = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()}
+        if guided:
+            cond = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
 
         def model(x, t):
             t = t.reshape(1).expand(x.shape[0])
-            if guided:
-                c, u = self.unet(torch.cat([x, x]), torch.cat([t, t]), **cond).chunk(2)
-                out = u + scale * (c - u)
-            else:
-                out = self.unet(x, t, **(cond or {}))
+            with self._autocast():
+                if guided:
+                    u, c = self.unet(torch.cat([x, x]), torch.cat([t, t]), **cond).float().chunk(2)
+                    out = u + scale * (c - u)
+                else:
+                    out = self.unet(x, t, **(cond or {})).float()
             if not self.cfg.sample.clip_x0:
                 return s.to_eps(pred, out, x, t)
             x0 = s.to_x0(pred, out, x, t).clamp(-1, 1)
@@ -59,95 +80,181 @@ class Pipeline:
 
         return model
 
-    def conditions(self, prompt, negative_prompt, batch_size, image=None, mask=None):
-        """The U-Net's keyword arguments for the prompts and for the negative (or empty) ones, with the spatial
-        condition (the same in both) for models that concatenate one."""
+    def conditions(self, prompt, negative_prompt, batch_size, clip_skip=1):
+        """The U-Net's keyword arguments for the prompts and for the negative (or empty) ones."""
         self.prompts = None
         c = self.conditioner
         if c is None or not c.prompted:
             if prompt:
                 raise ValueError("this model was trained without text or labels: generate without a prompt")
-            cond, uncond, n = ({}, {}, batch_size) if c else (None, None, batch_size)
-        else:
-            if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
-                raise ValueError("this model is conditioned: give a non-empty prompt"
-                                 + (f" (one of: {', '.join(c.classes)})" if c.classes else ""))
-            prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-            negatives = negative_prompt or ""
-            negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one each")
-            c.check(prompts + negatives)
-            self.prompts = list(zip(prompts, negatives))
-            both, n = {k: v for k, v in c(prompts + negatives).items() if v is not None}, len(prompts)
-            cond, uncond = {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
-        if c is not None and c.cfg.concat:
-            cond["concat"] = uncond["concat"] = self.spatial_condition(image, mask, n)
-        elif image is not None or mask is not None:
-            raise ValueError("this model was trained without a spatial condition: give no image or mask")
-        return cond, uncond, n
+            return ({}, {}, batch_size) if c else (None, None, batch_size)
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError("this model is conditioned: give a non-empty prompt"
+                             + (f" (one of: {', '.join(c.classes)})" if c.classes else ""))
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt or ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one each")
+        c.check(prompts + negatives)
+        self.prompts = list(zip(prompts, negatives))
+        with self._autocast():
+            both = {k: v.float() if v.is_floating_point() else v
+                    for k, v in c(prompts + negatives, clip_skip).items() if v is not None}
+        n = len(prompts)
+        return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}, n
 
-    def spatial_condition(self, image, mask, n):
+    def _image(self, image, size, what, channels=None):
+        """A PIL image (resized to `size` if it differs, with Lanczos as diffusers does) or a tensor in [0, 1]."""
+        channels = channels or (self.autoencoder.cfg.in_channels if self.autoencoder else self.cfg.unet.in_channels)
+        if isinstance(image, Image.Image) and size is not None and image.size != (size[1], size[0]):
+            image = image.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.LANCZOS)
+        return as_tensor(image, channels, what)
+
+    def spatial_condition(self, image, mask, n, size, generator=None):
         """The concatenated channels from a condition image (PIL, or a tensor in [0, 1]) and, for inpainting, a mask
         (white = the hole to fill), checked against what the model was trained on."""
-        c, size = self.conditioner.cfg, self.cfg.data.size
+        c = self.conditioner.cfg
         want = {"inpaint": "an image and a mask", "edges": "an edge map", "lowres": "a low-resolution image"}[c.concat]
         if image is None or (c.concat == "inpaint" and mask is None):
             raise ValueError(f"this model is conditioned on {want}: give {'--image' if c.concat != 'inpaint' else want}")
-        channels = 1 if c.concat == "edges" else (self.autoencoder.cfg.in_channels if self.autoencoder
-                                                  else self.cfg.unet.in_channels)
-        image = as_tensor(image, channels, "image")
-        expect = size // c.sr_factor if c.concat == "lowres" else size
-        if image.shape[-2:] != (expect, expect):
+        expect = (size[0] // c.sr_factor, size[1] // c.sr_factor) if c.concat == "lowres" else size
+        image = self._image(image, expect if c.concat == "inpaint" else None, "image",
+                            1 if c.concat == "edges" else None)
+        if tuple(image.shape[-2:]) != tuple(expect):
             raise ValueError(f"the {c.concat} image is {image.shape[-1]}x{image.shape[-2]} px; this model takes "
-                             f"{expect}x{expect}: resize it")
+                             f"{expect[1]}x{expect[0]} here: resize it")
         image = image * 2 - 1 if c.concat != "edges" else (image > 0.5).float()
         if mask is not None:
-            mask = (as_tensor(mask, 1, "mask") > 0.5).float()
-            if mask.shape[-2:] != image.shape[-2:]:
-                raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} px but the image is "
-                                 f"{image.shape[-1]}x{image.shape[-2]}: give a mask of the image's size")
-            mask = mask.expand(n, -1, -1, -1)
-        cfg_size = (self.cfg.latent_size, self.cfg.latent_size)
-        return self.conditioner.spatial(image.expand(n, -1, -1, -1), mask, cfg_size)
+            mask = self._mask(mask, image)
+        latent = (size[0] // self.factor_ae, size[1] // self.factor_ae)
+        with self._autocast():
+            return self.conditioner.spatial(image, mask, latent, generator).float().expand(n, -1, -1, -1)
+
+    def _mask(self, mask, image):
+        mask = self._image(mask, tuple(image.shape[-2:]), "mask", 1)
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} px but the image is "
+                             f"{image.shape[-1]}x{image.shape[-2]}: give a mask of the image's size")
+        return (mask >= 0.5).float()
+
+    @property
+    def factor_ae(self):
+        return self.autoencoder.cfg.factor if self.autoencoder else 1
+
+    def generate(self, prompt=None, negative_prompt=None, *, steps=None, sampler=None, cfg_scale=None, seed=None,
+                 height=None, width=None, batch_size=1, latents=None, eta=None, clip_skip=1, image=None, mask=None,
+                 callback=None, output="pil"):
+        """batch_size images (one per prompt when prompt is a list) from one seeded generator, consumed in the
+        order diffusers consumes it. DDPM defaults to every timestep of the schedule; cfg_scale defaults to the
+        run's. `image` (and `mask`) are the spatial condition of models that concatenate one: the image to inpaint
+        and its mask, an edge map, or the low-resolution image to upscale."""
+        kw = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, height=height, width=width,
+                  batch_size=batch_size, latents=latents, eta=eta, clip_skip=clip_skip, callback=callback, output=output)
+        if self.conditioner and self.conditioner.cfg.concat == "inpaint":
+            if image is None or mask is None:
+                raise ValueError("this model is conditioned on an image and a mask: give an image and a mask")
+            return self.inpaint(image, mask, prompt, negative_prompt, **kw)
+        return self._sample(prompt, negative_prompt, cond_image=image, **kw)
+
+    def img2img(self, image, prompt=None, negative_prompt=None, *, strength=0.75, **kw):
+        """SDEdit: the image noised to the step that `strength` of the schedule leaves, then denoised from there."""
+        return self._sample(prompt, negative_prompt, init=image, strength=strength, **kw)
+
+    def inpaint(self, image, mask, prompt=None, negative_prompt=None, *, strength=1.0, **kw):
+        """Fill the white part of `mask`. An inpainting U-Net (SD's 9-channel one, or one trained here) reads the
+        mask and the masked image; any other model keeps the unmasked part by blending it in, noised to the
+        current step, after every step (diffusers' way for a standard U-Net)."""
+        return self._sample(prompt, negative_prompt, init=image, mask=mask, strength=strength, **kw)
 
     @torch.no_grad()
-    def generate(self, prompt=None, negative_prompt=None, *, batch_size=1, steps=None, sampler=None, cfg_scale=None,
-                 seed=None, eta=None, latents=None, image=None, mask=None, callback=None, output="pil"):
-        """batch_size images (one per prompt when prompt is a list) from one seeded generator. DDPM defaults to
-        every timestep of the schedule (Algorithm 2); cfg_scale defaults to the one the run recorded.
-        `image` (and `mask`) are the spatial condition of models that concatenate one: the image to inpaint and
-        its mask, an edge map, or the low-resolution image to upscale."""
-        sampler = sampler or self.cfg.sample.sampler
-        sample_fn = get_sampler(sampler)
-        if steps is None:
-            steps = self.schedule.timesteps if sampler == "ddpm" else self.cfg.sample.steps
-        cond, uncond, n = self.conditions(prompt, negative_prompt, batch_size, image, mask)
+    def _sample(self, prompt, negative_prompt, *, init=None, mask=None, cond_image=None, strength=1.0, steps=None,
+                sampler=None, cfg_scale=None, seed=None, height=None, width=None, batch_size=1, latents=None, eta=None,
+                clip_skip=1, callback=None, output="pil"):
+        if output not in ("pil", "tensor", "latent"):
+            raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+        sampler = canonical(sampler or self.cfg.sample.sampler)
+        steps = steps or (self.schedule.timesteps if sampler == "ddpm" else self.cfg.sample.steps)
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        cond, uncond, n = self.conditions(prompt, negative_prompt, batch_size, clip_skip)
         prompted = self.conditioner is not None and self.conditioner.prompted
         scale = (self.cfg.condition.guidance if cfg_scale is None else cfg_scale) if prompted else 1.0
+        concat = self.conditioner.cfg.concat if self.conditioner else ""
+        if concat == "inpaint" and init is None:
+            raise ValueError("this is an inpainting model: give an image and a mask (inpaint)")
+        if concat and concat != "inpaint" and mask is not None:
+            raise ValueError(f"this model is conditioned on {concat}, not an inpainting mask: give no mask")
+        if not concat and cond_image is not None:
+            raise ValueError("this model was trained without a spatial condition: give no image or mask")
+        # the size: as asked, else the init image's, else the model's own
+        first = init if init is not None else None
+        default = (first.size[1], first.size[0]) if isinstance(first, Image.Image) else \
+            tuple(torch.as_tensor(first).shape[-2:]) if first is not None else (self.cfg.data.size,) * 2
+        size = (height or default[0], width or default[1])
+        factor = self.factor_ae * self.cfg.unet.factor
+        if size[0] % factor or size[1] % factor:
+            raise ValueError(f"size {size[1]}x{size[0]} is not divisible by the model's factor {factor}: "
+                             f"use a multiple of {factor}")
+        latent_size = (size[0] // self.factor_ae, size[1] // self.factor_ae)
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
-        self.last = {"Steps": steps, "Sampler": sampler, **({"CFG scale": scale} if prompted else {}),
-                     "Seed": seed}  # for the PNG's parameters
+        self.last = {"Steps": steps, "Sampler": A1111_OF.get(sampler, sampler), **({"CFG scale": scale} if prompted else {}),
+                     "Seed": seed, **({"Clip skip": clip_skip} if clip_skip != 1 else {}),
+                     **({"Denoising strength": strength} if init is not None and strength < 1 else {})}
         g = torch.Generator().manual_seed(seed)
-        size, ch = self.cfg.latent_size, self.cfg.unet.in_channels
-        x = torch.randn((n, ch, size, size), generator=g) if latents is None else latents
-        kwargs = {} if sampler == "ddpm" else {"eta": self.cfg.sample.eta if eta is None else eta}
-        x0 = sample_fn(self.denoiser(cond, uncond, scale), x, self.schedule.steps(steps), generator=g,
-                       callback=callback, **kwargs)
+        sched = make_steps(self.schedule, sampler, steps)
+        if init is not None:  # diffusers' get_timesteps: skip the first (1 - strength) of the steps
+            sched = sched[steps - min(int(steps * strength), steps):]
+            if len(sched) < 1:
+                raise ValueError(f"strength {strength} leaves no steps out of {steps}: raise either")
+        # the generator's draws, in diffusers' order: E(image), the noise, E(masked image), the sampler's
+        pixels = (self._image(init, size, "image") * 2 - 1) if init is not None else None
+        m = self._mask(mask, pixels) if mask is not None else None
+        inpainting = m is not None
+        x0 = self.to_model_space(pixels, g) if init is not None and (not inpainting or strength < 1 or not concat) else None
+        ch = self.cfg.unet.in_channels
+        noise = torch.randn((n, ch, *latent_size), generator=g) if latents is None else latents.float()
+        x0 = x0.expand(n, -1, -1, -1) if x0 is not None else None
+        x = start(sched, sampler, noise, x0 if x0 is not None and (not inpainting or strength < 1) else None)
+        if concat:
+            image = (pixels + 1) / 2 if inpainting else cond_image
+            cond = dict(cond or {}, concat=self.spatial_condition(image, m, n, size, g))
+            uncond = dict(uncond or {}, concat=cond["concat"])
+        elif inpainting:  # a standard U-Net: keep the unmasked part by blending after each step
+            torch.randn((1, ch, *latent_size), generator=g)  # diffusers encodes the masked image here, unused
+            keep = 1 - torch.nn.functional.interpolate(m, size=latent_size)
+            user_callback = callback
+
+            def callback(i, t, x, x0_hat):
+                known = x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)
+                return _chain(user_callback, i, t, keep * known + (1 - keep) * x, x0_hat)
+        kwargs = {"eta": self.cfg.sample.eta if eta is None else eta} if sampler == "ddim" else {}
+        z = get_sampler(sampler)(self.denoiser(cond, uncond, scale), x, sched, generator=g, callback=callback, **kwargs)
         if output == "latent":
-            return x0
-        images = ((self.decode(x0) + 1) / 2).clamp(0, 1)
+            return z
+        with self._autocast():
+            images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1)
         if output == "tensor":
             return images
-        if output != "pil":
-            raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         return [to_pil(im) for im in images]
+
+    def to_model_space(self, pixels, generator=None):
+        """Pixels in [-1, 1] -> the model's space: scale * a sample of E(x) (with the generator), or x itself."""
+        if self.autoencoder is None:
+            return pixels
+        with self._autocast():
+            return to_latent(self.autoencoder, pixels, self.cfg.diffusion.scale_factor, generator).float()
 
     def decode(self, z):
         """Model space -> pixels in [-1, 1] (the identity for pixel models)."""
         if self.autoencoder is None:
             return z
         return torch.cat([self.autoencoder.decode(b / self.cfg.diffusion.scale_factor) for b in z.split(64)])
+
+
+def _chain(callback, i, t, x, x0):
+    out = callback(i, t, x, x0) if callback else None
+    return x if out is None else out
 
 
 def sample_from_derived(pipe: Pipeline, pixels: torch.Tensor, prompts=None, seed=0):
@@ -252,7 +359,7 @@ def load(path) -> Pipeline:
         raise FileNotFoundError(f"{path} is not a run folder: it has no config.toml (train one with 'nanosd train')")
     cfg = load_config(path / "config.toml")
     unet = UNet(cfg.unet)
-    schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    schedule = Schedule.of(cfg.diffusion)
     ae = load_autoencoder(path / "autoencoder", path) if cfg.autoencoder else None
     model = ConditionedUNet(unet, bind_conditioner(Conditioner(cfg.condition), ae, cfg)) if cfg.condition else unet
     load_into(model, load_tensors(path / "model.safetensors"), f"{path / 'model.safetensors'}")

@@ -1,31 +1,115 @@
 """Samplers: plain functions behind one signature, `sample_x(model, x, steps, *, generator=None, callback=None)`.
 
-`model(x, t)` returns the predicted noise eps (guidance and the prediction type already resolved);
-`x` is the starting noise; `steps` (schedule.Steps) holds the timesteps visited and alpha-bar at each;
-`callback(i, t, x, x0)` sees every step, with the current x_t and the predicted x_0.
+`model(x, t)` returns the predicted noise eps for the variance-preserving x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
+(guidance and the prediction type already resolved); `t` may be fractional (Euler's timesteps).
+`steps` (made by `make_steps`) holds what the sampler visits: the timesteps, and sigma and alpha-bar at each step
+and after the last. Two families hold x differently, as their papers do:
+  - alpha-bar samplers (ddpm, ddim, plms, dpmpp_2m, unipc) hold x_t itself;
+  - sigma samplers (euler, euler_a, heun; Karras et al. 2022) hold x_t / sqrt(ab) = x_0 + sigma eps.
+`start(steps, noise, x0)` puts the first x where the sampler wants it. `callback(i, t, x, x0)` runs after step i
+with the new x and the predicted x_0; if it returns a tensor, that replaces x (how inpainting keeps the
+unmasked part). Each sampler reproduces the diffusers scheduler of its family, timesteps included.
 """
+import math
+from dataclasses import dataclass
+
 import torch
 
+from .schedule import Schedule
 
-def _x0(x, eps, ab):
-    return (x - (1 - ab) ** 0.5 * eps) / ab**0.5
 
+@dataclass
+class Steps:
+    t: torch.Tensor  # (n,) the timesteps the model sees (float)
+    sigma: torch.Tensor  # (n + 1,) sigma at each step and after the last (float32)
+    ab: torch.Tensor  # (n + 1,) alpha-bar at each step and after the last
+
+    def __len__(self):
+        return len(self.t)
+
+    def __getitem__(self, s: slice):
+        """The steps from s.start on (img2img begins part-way down the schedule)."""
+        return Steps(self.t[s], self.sigma[s.start:], self.ab[s.start:])
+
+
+def _interp_steps(schedule: Schedule, t: torch.Tensor, final_sigma=0.0):
+    sigma = torch.cat([schedule.sigma_at(t), torch.tensor([final_sigma])])
+    return Steps(t.float(), sigma, 1 / (1 + sigma.double() ** 2))
+
+
+def make_steps(schedule: Schedule, sampler: str, n: int) -> Steps:
+    """The n steps `sampler` takes, with the timesteps diffusers' scheduler of that family uses by default."""
+    T = schedule.timesteps
+    if not 1 <= n <= T:
+        raise ValueError(f"steps must be between 1 and {T}, got {n}")
+    spec = SAMPLERS[canonical(sampler)]
+    if spec.spacing == "leading":  # DDPM/DDIM/PNDM: every T//n-th step, shifted by steps_offset (1 in SD)
+        t = torch.arange(n - 1, -1, -1) * (T // n) + schedule.steps_offset
+        after = t[-1].item() - T // n  # alpha-bar after the last step: there, or the schedule's final value (DDPM: 1)
+        final = 1.0 if spec.fn is sample_ddpm else (
+            schedule.alphas_cumprod[after].item() if after >= 0 else schedule.final_alpha_cumprod)
+        ab = torch.cat([schedule.alphas_cumprod[t], torch.tensor([final])])
+        return Steps(t.float(), ((1 - ab) / ab) ** 0.5, ab)
+    if spec.spacing == "linspace":  # Euler/Heun: n fractional timesteps from T-1 down to 0
+        return _interp_steps(schedule, torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0))
+    if spec.karras:  # Karras et al.'s rho = 7 spacing of sigma, each mapped back to a rounded timestep
+        smin, smax = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        sigma = (smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7
+        t = schedule.t_at(sigma).round()
+        sigma = torch.cat([sigma.float(), torch.zeros(1)])
+        return Steps(t.float(), sigma, 1 / (1 + sigma.double() ** 2))
+    # DPM-Solver/UniPC: n + 1 points from 0 to T-1, rounded, the last (0) dropped
+    return _interp_steps(schedule, torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1])
+
+
+def start(steps: Steps, sampler: str, noise: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """The first x: pure noise at the sampler's scale, or x_0 noised to the first step (img2img)."""
+    sigma_family = SAMPLERS[canonical(sampler)].sigma_family
+    if x0 is None:  # diffusers' init_noise_sigma: sigma_max for Euler-like samplers, 1 for the others
+        return noise * steps.sigma.max() if sigma_family else noise
+    return noised(steps, sampler, x0, noise, 0)
+
+
+def noised(steps: Steps, sampler: str, x0, noise, i):
+    """x_0 at the noise level of step i, in the sampler's space (diffusers' add_noise)."""
+    if SAMPLERS[canonical(sampler)].sigma_family:
+        return x0 + noise * steps.sigma[i]
+    ab = steps.ab[i]
+    if SAMPLERS[canonical(sampler)].spacing != "leading":  # the multistep solvers go through sigma
+        alpha = 1 / (steps.sigma[i] ** 2 + 1) ** 0.5
+        return alpha * x0 + steps.sigma[i] * alpha * noise
+    return ab.float() ** 0.5 * x0 + (1 - ab.float()) ** 0.5 * noise
+
+
+def _randn(x, generator):
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+def _after(callback, i, t, x, x0):
+    if callback is None:
+        return x
+    out = callback(i, t, x, x0)
+    return x if out is None else out
+
+
+# --- alpha-bar samplers: x is x_t ---
 
 @torch.no_grad()
 def sample_ddpm(model, x, steps, *, generator=None, callback=None):
-    """Ancestral sampling, DDPM Algorithm 2, with sigma_t^2 = beta~_t (the posterior variance):
-    x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t) + sigma_t z.
-    With fewer steps than the schedule has, alpha_t and beta_t are those of the jump t -> t'."""
-    for i, (t, ab, ab_next) in enumerate(zip(steps.t, steps.ab, steps.ab_next)):
+    """Ancestral sampling, DDPM Algorithm 2, sigma_t^2 = beta~_t: x_{t-1} drawn from the posterior
+    q(x_{t-1} | x_t, x_0 = x0_hat). With fewer steps than the schedule has, alpha_t and beta_t are the jump's."""
+    for i, t in enumerate(steps.t):
+        ab, ab_prev = steps.ab[i].float(), steps.ab[i + 1].float()
         eps = model(x, t)
-        alpha = ab / ab_next
+        x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+        alpha = ab / ab_prev
         beta = 1 - alpha
-        if callback:
-            callback(i, t, x, _x0(x, eps, ab))
-        x = (x - beta / (1 - ab) ** 0.5 * eps) / alpha**0.5
-        if i < len(steps) - 1:
-            var = beta * (1 - ab_next) / (1 - ab)
-            x = x + var**0.5 * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = ab_prev**0.5 * beta / (1 - ab) * x0 + alpha**0.5 * (1 - ab_prev) / (1 - ab) * x
+        if t > 0:
+            var = ((1 - ab_prev) / (1 - ab) * beta).clamp_min(1e-20)
+            x = x + var**0.5 * _randn(x, generator)
+        x = _after(callback, i, t, x, x0)
     return x
 
 
@@ -33,22 +117,211 @@ def sample_ddpm(model, x, steps, *, generator=None, callback=None):
 def sample_ddim(model, x, steps, *, eta=0.0, generator=None, callback=None):
     """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s); eta = 0 is deterministic, 1 is DDPM-like."""
-    for i, (t, ab, ab_next) in enumerate(zip(steps.t, steps.ab, steps.ab_next)):
+    for i, t in enumerate(steps.t):
+        ab, ab_next = steps.ab[i].float(), steps.ab[i + 1].float()
         eps = model(x, t)
-        x0 = _x0(x, eps, ab)
-        if callback:
-            callback(i, t, x, x0)
+        x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
         sigma = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)) ** 0.5
         x = ab_next**0.5 * x0 + (1 - ab_next - sigma**2) ** 0.5 * eps
         if eta > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = x + sigma * _randn(x, generator)
+        x = _after(callback, i, t, x, x0)
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+@torch.no_grad()
+def sample_plms(model, x, steps, *, generator=None, callback=None):
+    """Pseudo linear multistep (Liu et al. 2022, PNDM without its Runge-Kutta warm-up): Adams-Bashforth over the
+    last four eps. The first step is taken twice (with eps at both ends averaged), as diffusers' PNDM does."""
+    def transfer(x, eps, i):  # PNDM's eq. 9: x_t -> x_{t-delta} along eps
+        a, a_prev = steps.ab[i].float(), steps.ab[i + 1].float()
+        denom = a * (1 - a_prev) ** 0.5 + (a * (1 - a) * a_prev) ** 0.5
+        return (a_prev / a) ** 0.5 * x - (a_prev - a) * eps / denom
+
+    def x0_of(x, eps, i):
+        a = steps.ab[i].float()
+        return (x - (1 - a) ** 0.5 * eps) / a**0.5
+
+    ets = []
+    for i, t in enumerate(steps.t):
+        eps = model(x, t)
+        ets.append(eps)
+        if i == 0 and len(steps) > 1:  # a trial step to t_1, and eps there
+            trial = _after(callback, 0, t, transfer(x, eps, 0), x0_of(x, eps, 0))
+            eps = (eps + model(trial, steps.t[1])) / 2
+        elif len(ets) == 2:
+            eps = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            eps = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        elif len(ets) >= 4:
+            eps = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        x0 = x0_of(x, ets[-1], i)
+        x = _after(callback, i, t, transfer(x, eps, i), x0)
+        ets = ets[-3:]
+    return x
+
+
+def _alpha_sigma(sigma):
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+def _lambda(sigma):  # log-SNR / 2: log(alpha_t / sigma_t)
+    alpha, s = _alpha_sigma(sigma)
+    return torch.log(alpha) - torch.log(s)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, steps, *, generator=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in the data prediction x0, first order at the
+    first and last steps. With Karras sigmas, the same solver on Karras et al.'s rho = 7 spacing."""
+    prev = None
+    for i, t in enumerate(steps.t):
+        s, s_next = steps.sigma[i], steps.sigma[i + 1]
+        alpha_s, sigma_s = _alpha_sigma(s)
+        alpha_t, sigma_t = _alpha_sigma(s_next)
+        x0 = (x - sigma_s * model(x, t)) / alpha_s
+        h = _lambda(s_next) - _lambda(s)
+        if prev is None or i == len(steps) - 1:
+            d = x0
+        else:  # midpoint: D0 + D1 / 2 with D1 = (x0 - x0_prev) / r0
+            r0 = (_lambda(s) - _lambda(steps.sigma[i - 1])) / h
+            d = x0 + 0.5 * (x0 - prev) / r0
+        x = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * d
+        prev = x0
+        x = _after(callback, i, t, x, x0)
+    return x
+
+
+def _unipc_rhos(hh, rks):
+    """UniPC's coefficients (Zhao et al. 2023, B(h) = e^h - 1 "bh2") for the ratios rks."""
+    h_phi_k, factorial, b = torch.expm1(hh) / hh - 1, 1, []
+    for k in range(1, len(rks) + 1):
+        b.append(h_phi_k * factorial / torch.expm1(hh))
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R = torch.stack([rks ** (k - 1) for k in range(1, len(rks) + 1)])
+    return torch.linalg.solve(R, torch.stack(b))
+
+
+@torch.no_grad()
+def sample_unipc(model, x, steps, *, generator=None, callback=None):
+    """UniPC (Zhao et al. 2023), order 2, bh2, data prediction: each step predicts (UniP) x at the next sigma,
+    and once the model has seen that x, corrects it (UniC) before going on; first order at the ends."""
+    outs, last_x, order = [], None, 1
+
+    def update(x_from, i, m0, res):  # x at sigma[i+1] from x at sigma[i]: exponential integrator + residual
+        alpha_t, sigma_t = _alpha_sigma(steps.sigma[i + 1])
+        _, sigma_s = _alpha_sigma(steps.sigma[i])
+        hh = -(_lambda(steps.sigma[i + 1]) - _lambda(steps.sigma[i]))
+        return sigma_t / sigma_s * x_from - alpha_t * torch.expm1(hh) * m0 - alpha_t * torch.expm1(hh) * res
+
+    def ratio(i, j):  # (lambda_j - lambda_i) / h_i
+        return (_lambda(steps.sigma[j]) - _lambda(steps.sigma[i])) / (_lambda(steps.sigma[i + 1]) - _lambda(steps.sigma[i]))
+
+    for i, t in enumerate(steps.t):
+        alpha, sigma = _alpha_sigma(steps.sigma[i])
+        m = (x - sigma * model(x, t)) / alpha
+        if last_x is not None:  # corrector for the step i-1 -> i, now that the model has seen x_i
+            hh = -(_lambda(steps.sigma[i]) - _lambda(steps.sigma[i - 1]))
+            if order == 1:
+                rhos, res = torch.tensor([0.5]), 0.0
+            else:
+                r = ratio(i - 1, i - 2)
+                rhos = _unipc_rhos(hh, torch.stack([r, torch.ones(())]))
+                res = rhos[0] * (outs[-2] - outs[-1]) / r
+            x = update(last_x, i - 1, outs[-1], res + rhos[-1] * (m - outs[-1]))
+        outs = (outs + [m])[-2:]
+        order = min(2, len(steps) - i, len(outs))
+        last_x = x
+        res = 0.0 if order == 1 else 0.5 * (outs[-2] - outs[-1]) / ratio(i, i - 1)
+        x = _after(callback, i, t, update(x, i, m, res), m)
+    return x
+
+
+# --- sigma samplers: x is x_0 + sigma eps; the model reads x / sqrt(sigma^2 + 1) ---
+
+def _denoise(model, x, sigma, t):
+    return x - sigma * model(x / (sigma**2 + 1) ** 0.5, t)
+
+
+@torch.no_grad()
+def sample_euler(model, x, steps, *, generator=None, callback=None):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma (Karras et al. 2022, Alg. 1)."""
+    for i, t in enumerate(steps.t):
+        s = steps.sigma[i]
+        x0 = _denoise(model, x, s, t)
+        x = x + (x - x0) / s * (steps.sigma[i + 1] - s)
+        x = _after(callback, i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_a(model, x, steps, *, generator=None, callback=None):
+    """Euler ancestral: an Euler step down to sigma_down, then fresh noise of sigma_up, so that
+    sigma_down^2 + sigma_up^2 = sigma_next^2."""
+    for i, t in enumerate(steps.t):
+        s, s_next = steps.sigma[i], steps.sigma[i + 1]
+        x0 = _denoise(model, x, s, t)
+        up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+        down = (s_next**2 - up**2) ** 0.5
+        x = x + (x - x0) / s * (down - s)
+        x = _after(callback, i, t, x + _randn(x, generator) * up, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, steps, *, generator=None, callback=None):
+    """Heun's method (Karras et al. 2022, Alg. 1): an Euler step, then the slope averaged with the one at its end;
+    a plain Euler step into sigma = 0."""
+    for i, t in enumerate(steps.t):
+        s, s_next = steps.sigma[i], steps.sigma[i + 1]
+        x0 = _denoise(model, x, s, t)
+        d = (x - x0) / s
+        x_euler = x + d * (s_next - s)
+        if s_next > 0:
+            x2 = _denoise(model, x_euler, s_next, steps.t[i + 1])
+            x = x + (d + (x_euler - x2) / s_next) / 2 * (s_next - s)
+        else:
+            x = x_euler
+        x = _after(callback, i, t, x, x0)
+    return x
+
+
+@dataclass
+class Sampler:
+    fn: callable
+    spacing: str  # the diffusers family's default timestep spacing: leading, linspace, or n+1 points ("multistep")
+    sigma_family: bool = False
+    karras: bool = False
+
+
+SAMPLERS = {
+    "ddpm": Sampler(sample_ddpm, "leading"),
+    "ddim": Sampler(sample_ddim, "leading"),
+    "plms": Sampler(sample_plms, "leading"),
+    "euler": Sampler(sample_euler, "linspace", sigma_family=True),
+    "euler_a": Sampler(sample_euler_a, "linspace", sigma_family=True),
+    "heun": Sampler(sample_heun, "linspace", sigma_family=True),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, "multistep"),
+    "dpmpp_2m_karras": Sampler(sample_dpmpp_2m, "multistep", karras=True),
+    "unipc": Sampler(sample_unipc, "multistep"),
+}
+A1111_NAMES = {"DDPM": "ddpm", "DDIM": "ddim", "PLMS": "plms", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun",
+               "DPM++ 2M": "dpmpp_2m", "DPM++ 2M Karras": "dpmpp_2m_karras", "UniPC": "unipc"}
+A1111_OF = {v: k for k, v in A1111_NAMES.items()}
+
+
+def canonical(name: str) -> str:
+    """Our name for a sampler given as ours or as A1111 writes it ("DPM++ 2M Karras")."""
+    if name in SAMPLERS:
+        return name
+    for a1111, ours in A1111_NAMES.items():
+        if name.lower() == a1111.lower():
+            return ours
+    raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)} (or A1111's names: "
+                     f"{', '.join(A1111_NAMES)})")
 
 
 def get_sampler(name: str):
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    return SAMPLERS[canonical(name)].fn

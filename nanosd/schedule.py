@@ -25,28 +25,32 @@ def make_betas(name: str, timesteps: int = 1000, beta_start: float | None = None
     raise ValueError(f"unknown beta schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
 
 
-@dataclass
-class Steps:
-    """The discrete timesteps a sampler visits, with alpha-bar at each and at the step after it."""
-    t: torch.Tensor  # (n,) long, descending
-    ab: torch.Tensor  # (n,) alpha-bar at t
-    ab_next: torch.Tensor  # (n,) alpha-bar at the following (less noisy) step; final_alpha_cumprod at the end
-
-    def __len__(self):
-        return len(self.t)
-
-
 class Schedule:
-    def __init__(self, name="linear", timesteps=1000, beta_start=None, beta_end=None, final_alpha_cumprod=1.0):
-        self.name, self.timesteps = name, timesteps
+    def __init__(self, name="linear", timesteps=1000, beta_start=None, beta_end=None, final_alpha_cumprod=1.0,
+                 steps_offset=0):
+        self.name, self.timesteps, self.steps_offset = name, timesteps, steps_offset
         self.betas = make_betas(name, timesteps, beta_start, beta_end)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         # alpha-bar "after" the last step: 1 (clean data), or alpha-bar_0 as SD's set_alpha_to_one=False has it
         self.final_alpha_cumprod = float(final_alpha_cumprod)
 
+    @classmethod
+    def of(cls, c) -> "Schedule":
+        """From a DiffusionConfig."""
+        s = cls(c.schedule, c.timesteps, c.beta_start or None, c.beta_end or None, steps_offset=c.steps_offset)
+        s.final_alpha_cumprod = 1.0 if c.set_alpha_to_one else s.alphas_cumprod[0].item()
+        return s
+
     def _at(self, v: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
-        """v[t] shaped to broadcast against x."""
+        """v[t] shaped to broadcast against x; alpha-bar at fractional t (Euler's timesteps) from sigma
+        interpolated linearly between the integer timesteps, as diffusers does."""
+        if t.is_floating_point():
+            if not torch.equal(t, t.round()):
+                if v is not self.alphas_cumprod:
+                    raise ValueError("only alpha-bar is defined at fractional timesteps")
+                return (1 / (1 + self.sigma_at(t) ** 2)).to(x).reshape(-1, *([1] * (x.ndim - 1)))
+            t = t.long()
         return v.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
@@ -88,29 +92,23 @@ class Schedule:
             return ab.sqrt() * xt - (1 - ab).sqrt() * out
         return (xt - (1 - ab).sqrt() * out) / ab.sqrt()
 
-    # --- noise levels in the sigma parametrisation used by k-diffusion style samplers ---
+    # --- noise levels in the sigma parametrisation of k-diffusion style samplers: x_t / sqrt(ab) = x_0 + sigma eps ---
     @property
     def sigmas(self):
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
-    def steps(self, n: int, spacing: str = "leading", offset: int = 0) -> Steps:
-        """The n timesteps a sampler visits, spaced as diffusers' `timestep_spacing` does.
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma at (possibly fractional) timesteps, interpolated linearly in float64 (numpy.interp's way)."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.timesteps - 1)
+        sig = self.sigmas.double()
+        lo = t.floor().long().clamp(max=self.timesteps - 2)
+        w = t - lo
+        return torch.lerp(sig[lo], sig[lo + 1], w).float()
 
-        "leading" starts below T-1 (first step at 981 for 50 steps): with the cosine schedule ab_999 is ~2e-9,
-        and starting there blows the predicted x_0 up; "trailing" ends exactly at T-1.
-        """
-        T = self.timesteps
-        if not 1 <= n <= T:
-            raise ValueError(f"steps must be between 1 and {T}, got {n}")
-        if spacing == "leading":
-            t = (torch.arange(n) * (T // n)).flip(0) + offset
-        elif spacing == "trailing":
-            t = torch.arange(T, 0, -T / n).round().long() - 1
-        elif spacing == "linspace":
-            t = torch.linspace(0, T - 1, n).round().long().flip(0)
-        else:
-            raise ValueError(f"unknown timestep spacing {spacing!r}: choose leading, trailing or linspace")
-        t = t.long()
-        ab = self.alphas_cumprod[t]
-        ab_next = torch.cat([ab[1:], torch.tensor([self.final_alpha_cumprod])])
-        return Steps(t, ab, ab_next)
+    def t_at(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The inverse: the fractional timestep of each sigma, linear in log sigma (diffusers' _sigma_to_t)."""
+        log_sigmas = self.sigmas.double().log()
+        ls = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(1e-10).log()
+        lo = (ls[None] >= log_sigmas[:, None]).cumsum(0).argmax(0).clamp(max=len(log_sigmas) - 2)
+        w = ((log_sigmas[lo] - ls) / (log_sigmas[lo] - log_sigmas[lo + 1])).clamp(0, 1)
+        return (1 - w) * lo + w * (lo + 1)

@@ -14,6 +14,7 @@ import json
 import math
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import regex
 import torch
@@ -43,11 +44,15 @@ class CLIPTokenizer:
 
     pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
-    def __init__(self, merges: list[tuple[str, str]], max_length=77, pad_token="<|endoftext|>", ftfy=False):
+    def __init__(self, merges: list[tuple[str, str]], max_length=77, pad_token="<|endoftext|>", ftfy=False,
+                 vocab: dict | None = None):
         self.byte_encoder = _bytes_to_unicode()
         chars = list(self.byte_encoder.values())
-        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        if vocab is None:  # OpenAI's order: bytes, bytes ending words, merges, the two special tokens
+            vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+            vocab = {tok: i for i, tok in enumerate(vocab)}
+        self.encoder = vocab
+        self.merges = merges
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.bos, self.eos = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
         self.pad_id = self.encoder[pad_token]
@@ -59,6 +64,39 @@ class CLIPTokenizer:
         path = path or pip_files(*CLIP_VOCAB)
         lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
         return cls([tuple(line.split()) for line in lines], **kw)
+
+    @classmethod
+    def from_folder(cls, folder, **kw):
+        """A tokenizer folder as diffusers and transformers write it: vocab.json + merges.txt, or tokenizer.json;
+        tokenizer_config.json's pad token and length when present."""
+        folder = Path(folder)
+        conf = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+        pad = conf.get("pad_token", "<|endoftext|>")
+        kw = {"pad_token": pad["content"] if isinstance(pad, dict) else pad,
+              "max_length": min(conf.get("model_max_length", 77), 77), **kw}
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        elif (folder / "tokenizer.json").is_file():
+            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            vocab = model["vocab"]
+            merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
+        else:
+            raise FileNotFoundError(f"tokenizer folder {folder} has neither vocab.json + merges.txt nor tokenizer.json")
+        return cls(merges, vocab=vocab, **kw)
+
+    def save(self, folder):
+        """vocab.json, merges.txt and tokenizer_config.json, readable by transformers' CLIPTokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in self.merges) + "\n",
+                                           encoding="utf-8")
+        pad = next(t for t, i in self.encoder.items() if i == self.pad_id)
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "pad_token": pad,
+             "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
 
     @functools.lru_cache(maxsize=65536)
     def bpe(self, word: str) -> tuple[str, ...]:
@@ -92,7 +130,7 @@ class CLIPTokenizer:
             if word in ("<|startoftext|>", "<|endoftext|>"):
                 ids.append(self.encoder[word])
                 continue
-            ids += [self.encoder[t] for t in self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))]
+            ids += [self.encoder.get(t, self.eos) for t in self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))]
         return ids
 
     def token_strings(self, text: str) -> list[str]:
@@ -104,11 +142,56 @@ class CLIPTokenizer:
         return ["<start>"] + words + ["<end>"]
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = [self.bos] + self.ids(text)[: self.max_length - 2] + [self.eos]
+        return self.pack([self.ids(t) for t in texts])
+
+    def pack(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """<|startoftext|> ids <|endoftext|>, truncated and padded to max_length, one row per list."""
+        out = torch.full((len(token_lists), self.max_length), self.pad_id, dtype=torch.long)
+        for i, ids in enumerate(token_lists):
+            ids = [self.bos] + ids[: self.max_length - 2] + [self.eos]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
+
+
+_ATTENTION = regex.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """A1111's attention syntax: (text) x1.1, [text] /1.1, (text:w) xw, nestable; \\( for a literal bracket.
+    Runs of equal weight merge, so a prompt whose weights are all 1 is its plain text."""
+    parts, round_, square = [], [], []
+
+    def scale(start, w):
+        for p in parts[start:]:
+            p[1] *= w
+
+    for m in _ATTENTION.finditer(text):
+        piece, weight = m.group(0), m.group(1)
+        if piece.startswith("\\") and len(piece) == 2:
+            parts.append([piece[1], 1.0])
+        elif piece == "(":
+            round_.append(len(parts))
+        elif piece == "[":
+            square.append(len(parts))
+        elif weight is not None and round_:
+            scale(round_.pop(), float(weight))
+        elif piece == ")" and round_:
+            scale(round_.pop(), 1.1)
+        elif piece == "]" and square:
+            scale(square.pop(), 1 / 1.1)
+        else:
+            parts.append([piece, 1.0])
+    for start in round_:
+        scale(start, 1.1)
+    for start in square:
+        scale(start, 1 / 1.1)
+    merged = []
+    for piece, w in parts:
+        if merged and merged[-1][1] == w:
+            merged[-1][0] += piece
+        else:
+            merged.append([piece, w])
+    return [tuple(p) for p in merged] or [("", 1.0)]
 
 
 @dataclass
@@ -120,6 +203,7 @@ class CLIPTextConfig:
     max_length: int = 77
     act: str = "quick_gelu"  # SD v1's ViT-L/14; "gelu" for OpenCLIP's
     eps: float = 1e-5
+    intermediate: int = 0  # the MLP's width; 0: 4 x width
 
 
 def _module(**children) -> nn.Module:
@@ -145,7 +229,8 @@ class CLIPLayer(nn.Module):
         self.self_attn = _module(q_proj=nn.Linear(d, d), k_proj=nn.Linear(d, d), v_proj=nn.Linear(d, d),
                                  out_proj=nn.Linear(d, d))
         self.layer_norm1 = nn.LayerNorm(d, eps=c.eps)
-        self.mlp = _module(fc1=nn.Linear(d, 4 * d), fc2=nn.Linear(4 * d, d))
+        inner = c.intermediate or 4 * d
+        self.mlp = _module(fc1=nn.Linear(d, inner), fc2=nn.Linear(inner, d))
         self.layer_norm2 = nn.LayerNorm(d, eps=c.eps)
 
     def forward(self, x):
@@ -266,11 +351,11 @@ class TextConditioner(nn.Module):
     "minilm": frozen all-MiniLM-L6-v2, its per-token states under the attention mask (cached per prompt);
     "clip": a CLIP text transformer trained here with the U-Net, all 77 positions as SD v1 reads them."""
 
-    def __init__(self, kind: str, clip: CLIPTextConfig | None = None):
+    def __init__(self, kind: str, clip: CLIPTextConfig | None = None, tokenizer=None):
         super().__init__()
         self.kind = kind
         if kind == "clip":
-            self.tokenizer = CLIPTokenizer.from_vocab(max_length=clip.max_length)
+            self.tokenizer = tokenizer or CLIPTokenizer.from_vocab(max_length=clip.max_length)
             self.model = CLIPTextModel(clip)
         elif kind == "minilm":
             folder = pip_files(*MINILM)
@@ -288,9 +373,9 @@ class TextConditioner(nn.Module):
     def width(self):
         return self.model.cfg.width if self.kind == "clip" else self.model.embeddings.word_embeddings.embedding_dim
 
-    def forward(self, prompts: list[str]):
+    def forward(self, prompts: list[str], clip_skip: int = 1):
         if self.kind == "clip":
-            return self.model(self.tokenizer(prompts)), None
+            return self.encode_clip(prompts, clip_skip), None
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             with torch.no_grad():
@@ -304,3 +389,31 @@ class TextConditioner(nn.Module):
         for i, s in enumerate(states):
             context[i, : len(s)], mask[i, : len(s)] = s, True
         return context, mask
+
+    def encode_clip(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """As A1111 encodes prompts: weighted pieces ("(word:1.3)"), any length in chunks of max_length - 2 tokens,
+        each chunk encoded between its start and end tokens and the states concatenated (every prompt padded with
+        empty chunks to the longest); weights scale the states, then the mean is restored. clip_skip = 2 takes the
+        penultimate layer (then the final LayerNorm). A prompt within one chunk and without weights encodes exactly
+        as the tokenizer and model alone would (diffusers' encoding)."""
+        tok, n = self.tokenizer, self.tokenizer.max_length - 2
+        tokens, weights = [], []
+        for p in prompts:
+            ids, w = [], []
+            for piece, weight in parse_weights(p):
+                piece_ids = tok.ids(piece)
+                ids, w = ids + piece_ids, w + [weight] * len(piece_ids)
+            tokens.append(ids), weights.append(w)
+        k = max(1, *(math.ceil(len(ids) / n) for ids in tokens))
+        chunks = [ids[i * n:(i + 1) * n] for ids in tokens for i in range(k)]
+        z = self.model(tok.pack(chunks).to(self.model.embeddings.token_embedding.weight.device), skip=clip_skip - 1)
+        z = z.reshape(len(prompts), k * tok.max_length, -1)
+        for i, w in enumerate(weights):
+            if any(x != 1.0 for x in w):
+                per_token = torch.ones(k, tok.max_length)
+                for j, x in enumerate(w):
+                    per_token[j // n, 1 + j % n] = x
+                mean = z[i].mean()
+                z[i] = z[i] * per_token.reshape(-1, 1).to(z)
+                z[i] = z[i] * (mean / z[i].mean())
+        return z

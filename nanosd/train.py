@@ -339,7 +339,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
             setattr(cfg.unet, k, v)
     _write_config(cfg, run_dir)
 
-    schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    schedule = Schedule.of(cfg.diffusion)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     unet = UNet(cfg.unet)
     model = ConditionedUNet(unet, conditioner) if conditioner else unet

@@ -19,18 +19,21 @@ class UNetConfig:
     channel_mult: list = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 2
     attention_levels: list = field(default_factory=lambda: [2])  # levels (indices into channel_mult) with transformers
-    num_heads: int = 4
+    num_heads: int | list = 4  # attention heads, or one count per level (diffusers' tiny test configs)
     transformer_depth: int = 1
     context_dim: int | None = None  # width of the cross-attention context; None: no cross-attention
     num_classes: int | None = None  # class labels as an embedding added to the time embedding
     dropout: float = 0.0
 
+    def heads(self, level):
+        return self.num_heads[level] if isinstance(self.num_heads, list) else self.num_heads
+
     def validate(self):
-        for c in [self.model_channels * m for m in self.channel_mult]:
+        for level, c in enumerate(self.model_channels * m for m in self.channel_mult):
             if c % 32:
                 raise ValueError(f"unet: channels {c} (model_channels x channel_mult) must be a multiple of 32 for GroupNorm(32)")
-            if c % self.num_heads:
-                raise ValueError(f"unet: channels {c} must be divisible by num_heads={self.num_heads}")
+            if c % self.heads(level):
+                raise ValueError(f"unet: channels {c} must be divisible by num_heads={self.heads(level)}")
         bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
         if bad:
             raise ValueError(f"unet: attention_levels {bad} out of range for {len(self.channel_mult)} levels")
@@ -193,8 +196,8 @@ class UNet(nn.Module):
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
-        def attention(ch):
-            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.dropout)
+        def attention(ch, level):
+            return SpatialTransformer(ch, cfg.heads(level), cfg.transformer_depth, cfg.context_dim, cfg.dropout)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1))])
@@ -204,7 +207,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, emb_dim, mc * mult, cfg.dropout)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skips.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -212,7 +215,7 @@ class UNet(nn.Module):
                 skips.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, cfg.dropout), attention(ch), ResBlock(ch, emb_dim, ch, cfg.dropout))
+            ResBlock(ch, emb_dim, ch, cfg.dropout), attention(ch, len(cfg.channel_mult) - 1), ResBlock(ch, emb_dim, ch, cfg.dropout))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -220,7 +223,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skips.pop(), emb_dim, mc * mult, cfg.dropout)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))

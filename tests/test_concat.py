@@ -79,11 +79,12 @@ def test_bad_spatial_conditions_get_one_line_errors(tmp_path, tiny_cfg, data, ca
     tiny_cfg.condition = ConditionConfig(encoder="none", concat="inpaint")
     run = train(tiny_cfg, tmp_path / "run", steps=1)
     capsys.readouterr()  # the training progress
-    img, small = tmp_path / "img.png", tmp_path / "small.png"
-    Image.new("L", (8, 8)).save(img), Image.new("L", (4, 4)).save(small)
+    img, odd = tmp_path / "img.png", tmp_path / "odd.png"
+    Image.new("L", (8, 8)).save(img), Image.new("L", (5, 5)).save(odd)
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    cases = [(["inpaint", str(run), str(img), str(small)], "give a mask of the image's size"),
-             (["inpaint", str(run), str(small), str(small)], "this model takes 8x8"),
+    with pytest.raises(ValueError, match="give a mask of the image's size"):
+        load(run).inpaint(torch.rand(1, 8, 8), torch.rand(1, 4, 4), steps=2)
+    cases = [(["inpaint", str(run), str(odd), str(odd)], "is not divisible by the model's factor"),
              (["inpaint", str(run), str(img), str(tmp_path / "junk.png")], "cannot read the image"),
              (["generate", str(run)], "give an image and a mask"),
              (["inpaint", str(run), str(img), str(img), "a cat"], "without text or labels")]

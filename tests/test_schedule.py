@@ -64,13 +64,3 @@ def test_prediction_targets_convert_back_to_eps_and_x0(prediction):
     torch.testing.assert_close(s.to_x0(prediction, out, xt, t), x0, atol=2e-3, rtol=1e-3)
 
 
-def test_step_spacings():
-    s = Schedule("scaled_linear", final_alpha_cumprod=0.5)
-    lead = s.steps(50, "leading", offset=1)
-    assert lead.t[0].item() == 981 and lead.t[-1].item() == 1 and len(lead) == 50
-    assert torch.equal(lead.ab_next[:-1], lead.ab[1:]) and lead.ab_next[-1].item() == 0.5
-    assert s.steps(10, "trailing").t[0].item() == 999
-    with pytest.raises(ValueError, match="steps must be between"):
-        s.steps(0)
-    with pytest.raises(ValueError, match="unknown beta schedule"):
-        Schedule("quadratic")

@@ -95,7 +95,7 @@ def test_tiny_train_then_sample_through_the_cli(tmp_path, tiny_cfg, image_folder
     files = sorted((tmp_path / "out").iterdir())
     assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png"]
     im = Image.open(files[0])
-    assert im.size == (8, 8) and "Seed: 1" in im.text["parameters"] and "Sampler: ddim" in im.text["parameters"]
+    assert im.size == (8, 8) and "Seed: 1" in im.text["parameters"] and "Sampler: DDIM" in im.text["parameters"]
     assert main(["generate", str(run), "--n", "4", "--sampler", "ddpm", "--steps", "10", "--out", f"{tmp_path}/g.png"]) == 0
     assert Image.open(tmp_path / "g.png").size == (22, 22)  # 2x2 grid with 2 px padding
     assert main(["explain", "reverse", str(run), "--out", str(tmp_path / "rev.png")]) == 0
