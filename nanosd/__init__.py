@@ -1,4 +1,4 @@
 """nanosd: Stable Diffusion, whole, in one small and fast codebase."""
-from .pipeline import Pipeline, load
+from .pipeline import Pipeline, load, save
 
-__all__ = ["Pipeline", "load"]
+__all__ = ["Pipeline", "load", "save"]

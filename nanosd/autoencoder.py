@@ -25,6 +25,7 @@ class AutoencoderConfig:
     disc_weight: float = 0.0  # 0: no patch discriminator
     disc_start: int = 2000  # step at which the discriminator loss switches on
     disc_channels: int = 32
+    norm_groups: int = 32  # GroupNorm's groups (SD: 32; diffusers' tiny test models use fewer)
 
     @property
     def factor(self):
@@ -32,21 +33,22 @@ class AutoencoderConfig:
 
     def validate(self):
         for c in [self.ch * m for m in self.ch_mult]:
-            if c % 32:
-                raise ValueError(f"autoencoder: channels {c} (ch x ch_mult) must be a multiple of 32 for GroupNorm(32)")
+            if c % self.norm_groups:
+                raise ValueError(f"autoencoder: channels {c} (ch x ch_mult) must be a multiple of "
+                                 f"norm_groups={self.norm_groups} for GroupNorm")
         if self.rec_loss not in ("l1", "l2", "l1+l2"):
             raise ValueError(f"autoencoder.rec_loss {self.rec_loss!r} is unknown: choose l1, l2 or l1+l2")
 
 
-def normalize(ch):
-    return nn.GroupNorm(32, ch, eps=1e-6)
+def normalize(ch, groups=32):
+    return nn.GroupNorm(groups, ch, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, groups=32):
         super().__init__()
-        self.norm1, self.conv1 = normalize(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = normalize(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = normalize(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = normalize(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
@@ -59,9 +61,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions, with 1x1-conv projections."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, groups=32):
         super().__init__()
-        self.norm = normalize(ch)
+        self.norm = normalize(ch, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x):
@@ -81,10 +83,10 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as the original
 
 
-def _mid(ch, attention):
+def _mid(ch, attention, groups):
     mid = nn.Module()
-    mid.block_1, mid.block_2 = ResnetBlock(ch, ch), ResnetBlock(ch, ch)
-    mid.attn_1 = AttnBlock(ch) if attention else nn.Identity()
+    mid.block_1, mid.block_2 = ResnetBlock(ch, ch, groups), ResnetBlock(ch, ch, groups)
+    mid.attn_1 = AttnBlock(ch, groups) if attention else nn.Identity()
     return mid
 
 
@@ -98,13 +100,13 @@ class Encoder(nn.Module):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             for _ in range(c.num_res_blocks):
-                stage.block.append(ResnetBlock(cin, c.ch * mult))
+                stage.block.append(ResnetBlock(cin, c.ch * mult, c.norm_groups))
                 cin = c.ch * mult
             if level != len(c.ch_mult) - 1:
                 stage.downsample = Downsample(cin)
             self.down.append(stage)
-        self.mid = _mid(cin, c.attention)
-        self.norm_out = normalize(cin)
+        self.mid = _mid(cin, c.attention, c.norm_groups)
+        self.norm_out = normalize(cin, c.norm_groups)
         self.conv_out = nn.Conv2d(cin, 2 * c.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -123,18 +125,18 @@ class Decoder(nn.Module):
         super().__init__()
         cin = c.ch * c.ch_mult[-1]
         self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
-        self.mid = _mid(cin, c.attention)
+        self.mid = _mid(cin, c.attention, c.norm_groups)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.ch_mult))):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             for _ in range(c.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(cin, c.ch * mult))
+                stage.block.append(ResnetBlock(cin, c.ch * mult, c.norm_groups))
                 cin = c.ch * mult
             if level != 0:
                 stage.upsample = Upsample(cin)
             self.up.insert(0, stage)  # up[i] is level i, as in the original
-        self.norm_out = normalize(cin)
+        self.norm_out = normalize(cin, c.norm_groups)
         self.conv_out = nn.Conv2d(cin, c.in_channels, 3, padding=1)
 
     def forward(self, z):

@@ -40,8 +40,9 @@ def load_tensors(path) -> dict:
         raise ValueError(f"checkpoint {path} is unreadable or truncated ({e}): re-create or re-download it") from None
 
 
-def load_into(module: torch.nn.Module, tensors: dict, what: str):
-    """load_state_dict(strict) with missing, unexpected and mis-shaped keys listed on one line."""
+def load_into(module: torch.nn.Module, tensors: dict, what: str, assign=False):
+    """load_state_dict(strict) with missing, unexpected and mis-shaped keys listed on one line. With assign, the
+    module (built on the meta device) takes the tensors themselves, in float32: no second copy, no random init."""
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -51,7 +52,9 @@ def load_into(module: torch.nn.Module, tensors: dict, what: str):
         parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
         raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
-    module.load_state_dict(tensors)
+    if assign:
+        tensors = {k: v.float() for k, v in tensors.items()}
+    module.load_state_dict(tensors, assign=assign)
 
 
 # --- Stable Diffusion v1 checkpoints: the original single-file layout and diffusers folders ---
@@ -219,27 +222,18 @@ def split_single_file(tensors: dict, ema=False) -> dict:
     return parts
 
 
-def read_diffusers(folder: Path):
-    """A diffusers folder: each part's config.json and weights, the weights under our names."""
-    from .autoencoder import Autoencoder, AutoencoderConfig
+def diffusers_configs(folder: Path):
+    """The architecture a diffusers folder's config files describe: (unet, vae, text) configs, the scheduler's
+    settings, the VAE's scale factor and the default image size."""
+    from .autoencoder import AutoencoderConfig
     from .text import CLIPTextConfig
-    from .unet import UNet, UNetConfig
+    from .unet import UNetConfig
 
     def config(sub, name="config.json"):
         f = folder / sub / name
         if not f.is_file():
             raise FileNotFoundError(f"diffusers folder {folder} has no {sub}/{name}")
         return json.loads(f.read_text())
-
-    def weights(sub):
-        files = sorted((folder / sub).glob("*.safetensors")) or sorted((folder / sub).glob("*.bin"))
-        if not files:
-            raise FileNotFoundError(f"diffusers folder {folder} has no weights in {sub}/")
-        out = {}
-        for f in files:  # fp16 variants and shards alike
-            if f.suffix == ".safetensors" or not any(g.suffix == ".safetensors" for g in files):
-                out.update(read_checkpoint(f))
-        return out
 
     uc, vc, tc = config("unet"), config("vae"), config("text_encoder")
     if uc.get("use_linear_projection") or uc.get("addition_embed_type") or uc.get("class_embed_type") or \
@@ -254,22 +248,43 @@ def read_diffusers(folder: Path):
                       attention_levels=[i for i, name in enumerate(types) if name.startswith("CrossAttn")],
                       num_heads=list(heads) if isinstance(heads, (list, tuple)) else heads,
                       transformer_depth=uc.get("transformer_layers_per_block", 1) or 1,
-                      context_dim=uc.get("cross_attention_dim", 768))
+                      context_dim=uc.get("cross_attention_dim", 768), norm_groups=uc.get("norm_num_groups", 32))
     vb = vc["block_out_channels"]
     vae = AutoencoderConfig(in_channels=vc.get("in_channels", 3), ch=vb[0], ch_mult=[c // vb[0] for c in vb],
-                            num_res_blocks=vc.get("layers_per_block", 1), z_channels=vc.get("latent_channels", 4))
+                            num_res_blocks=vc.get("layers_per_block", 1), z_channels=vc.get("latent_channels", 4),
+                            norm_groups=vc.get("norm_num_groups", 32))
     text = CLIPTextConfig(vocab_size=tc["vocab_size"], width=tc["hidden_size"], layers=tc["num_hidden_layers"],
                           heads=tc["num_attention_heads"], max_length=tc["max_position_embeddings"],
                           act=tc.get("hidden_act", "quick_gelu"), eps=tc.get("layer_norm_eps", 1e-5),
                           intermediate=tc.get("intermediate_size", 0))
     sched = config("scheduler", "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
+    return (unet, vae, text), sched, vc.get("scaling_factor", 0.18215), uc.get("sample_size", 64) * vae.factor
+
+
+def read_diffusers(folder: Path, configs) -> dict:
+    """A diffusers folder's weights (fp16 variants and shards alike), by part, under our names."""
+    from .autoencoder import Autoencoder
+    from .unet import UNet
+
+    def weights(sub):
+        files = sorted((folder / sub).glob("*.safetensors")) or sorted((folder / sub).glob("*.bin"))
+        if not files:
+            raise FileNotFoundError(f"diffusers folder {folder} has no weights in {sub}/")
+        out = {}
+        for f in files:
+            out.update(read_checkpoint(f))
+        return out
+
+    unet_cfg, vae_cfg, _ = configs
     parts = {"unet": weights("unet"), "vae": weights("vae"), "text_encoder": weights("text_encoder")}
-    for name, model in (("unet", UNet(unet)), ("vae", Autoencoder(vae))):
+    with torch.device("meta"):
+        models = {"unet": UNet(unet_cfg), "vae": Autoencoder(vae_cfg)}
+    for name, model in models.items():
         back = {theirs: ours for ours, theirs in diffusers_names(name, model).items()}
         parts[name] = {back.get(k, k): w for k, w in parts[name].items()}
     parts["text_encoder"] = {k.removeprefix("text_model."): w for k, w in parts["text_encoder"].items()
                              if not k.endswith("position_ids")}
-    return (unet, vae, text), parts, sched, vc.get("scaling_factor", 0.18215)
+    return parts
 
 
 def fit_shapes(model: torch.nn.Module, tensors: dict) -> dict:
@@ -278,3 +293,60 @@ def fit_shapes(model: torch.nn.Module, tensors: dict) -> dict:
     own = model.state_dict()
     return {k: v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and v.numel() == own[k].numel()
             and v.ndim in (2, 4) and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v for k, v in tensors.items()}
+
+
+def write_diffusers(folder, pipe):
+    """A diffusers folder (configs, weights under diffusers' names, tokenizer, scheduler) for an SD pipeline."""
+    cfg, u, d = pipe.cfg, pipe.cfg.unet, pipe.cfg.diffusion
+    levels = range(len(u.channel_mult))
+    heads = [u.heads(lv) for lv in levels]
+    vae = pipe.autoencoder.cfg
+    t = pipe.text_encoder.cfg
+    configs = {
+        "unet": {"_class_name": "UNet2DConditionModel", "in_channels": u.in_channels + u.cond_channels,
+                 "out_channels": u.in_channels, "block_out_channels": [u.model_channels * m for m in u.channel_mult],
+                 "layers_per_block": u.num_res_blocks, "cross_attention_dim": u.context_dim,
+                 "down_block_types": ["CrossAttnDownBlock2D" if lv in u.attention_levels else "DownBlock2D" for lv in levels],
+                 "up_block_types": ["CrossAttnUpBlock2D" if lv in u.attention_levels else "UpBlock2D" for lv in reversed(levels)],
+                 "attention_head_dim": heads if len(set(heads)) > 1 else heads[0], "norm_num_groups": u.norm_groups,
+                 "transformer_layers_per_block": u.transformer_depth, "sample_size": cfg.data.size // vae.factor},
+        "vae": {"_class_name": "AutoencoderKL", "in_channels": vae.in_channels, "out_channels": vae.in_channels,
+                "block_out_channels": [vae.ch * m for m in vae.ch_mult], "layers_per_block": vae.num_res_blocks,
+                "latent_channels": vae.z_channels, "down_block_types": ["DownEncoderBlock2D"] * len(vae.ch_mult),
+                "up_block_types": ["UpDecoderBlock2D"] * len(vae.ch_mult), "norm_num_groups": vae.norm_groups,
+                "scaling_factor": d.scale_factor, "sample_size": cfg.data.size},
+        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
+                         "hidden_size": t.width, "intermediate_size": t.intermediate or 4 * t.width,
+                         "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+                         "max_position_embeddings": t.max_length, "hidden_act": t.act, "layer_norm_eps": t.eps,
+                         "bos_token_id": pipe.tokenizer.bos, "eos_token_id": pipe.tokenizer.eos, "pad_token_id": 1},
+    }
+    names = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+    scheduler = {"_class_name": "PNDMScheduler", "beta_schedule": names[d.schedule], "num_train_timesteps": d.timesteps,
+                 "beta_start": float(pipe.schedule.betas[0] if d.schedule == "linear" else pipe.schedule.betas[0]),
+                 "beta_end": float(pipe.schedule.betas[-1]), "steps_offset": d.steps_offset,
+                 "set_alpha_to_one": d.set_alpha_to_one, "skip_prk_steps": True, "clip_sample": False,
+                 "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction]}
+    scheduler["beta_start"], scheduler["beta_end"] = d.beta_start or 0.00085, d.beta_end or 0.012
+    if d.schedule == "linear":
+        scheduler["beta_start"], scheduler["beta_end"] = d.beta_start or 1e-4, d.beta_end or 0.02
+    index = {"_class_name": "StableDiffusionInpaintPipeline" if u.cond_channels else "StableDiffusionPipeline",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    weights = {"unet": {diffusers_names("unet", pipe.unet)[k]: v for k, v in pipe.unet.state_dict().items()},
+               "vae": {diffusers_names("vae", pipe.autoencoder)[k]: v.flatten(1) if v.ndim == 4 and v.shape[-1] == 1
+                       and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v
+                       for k, v in pipe.autoencoder.state_dict().items()},
+               "text_encoder": {"text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()}}
+    with atomic_path(folder) as tmp:
+        for part, conf in configs.items():
+            (tmp / part).mkdir(parents=True)
+            (tmp / part / "config.json").write_text(json.dumps(conf, indent=2))
+            name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+            save_file({k: v.contiguous() for k, v in weights[part].items()}, tmp / part / name)
+        pipe.tokenizer.save(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -352,11 +352,34 @@ def load_autoencoder(folder, model_dir=None):
     return ae.eval()
 
 
-def load(path) -> Pipeline:
-    """Load a run folder trained here (config.toml + model.safetensors with the EMA weights)."""
+def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None) -> Pipeline:
+    """A run folder trained here, a Stable Diffusion v1.x single file (.safetensors, or .ckpt read without
+    unpickling code) or a diffusers folder; `vae` replaces the model's autoencoder with another file's.
+    A single file's architecture is inferred from its shapes, or read from `config` (a diffusers folder's config
+    files, as diffusers' from_single_file takes them). ema=True takes a single file's EMA U-Net.
+    compile=True compiles the U-Net (torch.compile; the first image pays for it)."""
     path = Path(path)
-    if not (path / "config.toml").is_file():
-        raise FileNotFoundError(f"{path} is not a run folder: it has no config.toml (train one with 'nanosd train')")
+    if path.is_dir() and (path / "config.toml").is_file():
+        if vae is not None:
+            raise ValueError("vae= replaces the VAE of Stable Diffusion checkpoints, not of run folders")
+        pipe = load_run(path, precision)
+    elif path.is_dir() and (path / "unet").is_dir():
+        pipe = load_diffusers(path, precision)
+    elif path.is_file():
+        pipe = load_single_file(path, precision, ema, config)
+    elif path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a run folder (config.toml) nor a diffusers folder (unet/, vae/, ...)")
+    else:
+        raise FileNotFoundError(f"model {path} not found: give a run folder, a .safetensors/.ckpt file or a diffusers folder")
+    if vae is not None:
+        replace_vae(pipe, vae)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
+def load_run(path: Path, precision="fp32") -> Pipeline:
+    """A run folder trained here (config.toml + model.safetensors with the EMA weights)."""
     cfg = load_config(path / "config.toml")
     unet = UNet(cfg.unet)
     schedule = Schedule.of(cfg.diffusion)
@@ -366,4 +389,100 @@ def load(path) -> Pipeline:
     if ae is not None and ae.cfg.z_channels != cfg.unet.in_channels:
         raise ValueError(f"latent model {path}: its autoencoder {path / 'autoencoder'} makes {ae.cfg.z_channels}-channel "
                          f"latents but the U-Net reads {cfg.unet.in_channels}")
-    return Pipeline.of(model, schedule, cfg, ae)
+    return Pipeline.of(model, schedule, cfg, ae, precision)
+
+
+def sd_config(unet_cfg, vae_cfg, text_cfg, scheduler: dict, scale_factor=0.18215, size=512) -> Config:
+    """Stable Diffusion v1 as a nanosd config: a latent, CLIP-conditioned model (concat "inpaint" for the
+    9-channel inpainting U-Net), with its scheduler's settings (SD v1.5's when the file carries none)."""
+    from .condition import ConditionConfig
+    from .config import DataConfig, DiffusionConfig, SampleConfig
+
+    schedules = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+    kind = scheduler.get("beta_schedule", "scaled_linear")
+    if kind not in schedules:
+        raise ValueError(f"scheduler beta_schedule {kind!r} is not supported: nanosd has {', '.join(schedules)}")
+    diffusion = DiffusionConfig(
+        schedule=schedules[kind], timesteps=scheduler.get("num_train_timesteps", 1000),
+        prediction={"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[scheduler.get("prediction_type", "epsilon")],
+        scale_factor=scale_factor, beta_start=scheduler.get("beta_start", 0.00085),
+        beta_end=scheduler.get("beta_end", 0.012), steps_offset=scheduler.get("steps_offset", 1),
+        set_alpha_to_one=scheduler.get("set_alpha_to_one", False))
+    condition = ConditionConfig(encoder="clip", concat="inpaint" if unet_cfg.cond_channels else "", drop_prob=0.0,
+                                guidance=7.5, clip=text_cfg)
+    return Config(data=DataConfig(name="", size=size), unet=unet_cfg, diffusion=diffusion,
+                  sample=SampleConfig(sampler="dpmpp_2m", steps=20), autoencoder=vae_cfg, condition=condition)
+
+
+def build_sd(cfg: Config, parts: dict, where: str, tokenizer=None, precision="fp32") -> Pipeline:
+    """The models of `cfg` built on the meta device, then given the checkpoint's tensors (no random init)."""
+    from .autoencoder import Autoencoder
+    from .checkpoint import fit_shapes
+
+    with torch.device("meta"):
+        unet, ae = UNet(cfg.unet), Autoencoder(cfg.autoencoder)
+        conditioner = Conditioner(cfg.condition, tokenizer)
+    load_into(unet, parts["unet"], f"{where}: the U-Net", assign=True)
+    load_into(ae, fit_shapes(ae, parts["vae"]), f"{where}: the VAE", assign=True)
+    load_into(conditioner.text_encoder, parts["text_encoder"], f"{where}: the text encoder", assign=True)
+    return Pipeline(unet, Schedule.of(cfg.diffusion), cfg, ae, bind_conditioner(conditioner, ae, cfg), precision)
+
+
+def load_single_file(path: Path, precision="fp32", ema=False, config=None) -> Pipeline:
+    from .checkpoint import diffusers_configs, infer_sd, read_checkpoint, split_single_file
+
+    parts = split_single_file(read_checkpoint(path), ema)
+    if config is None:
+        return build_sd(sd_config(*infer_sd(parts, str(path)), {}), parts, str(path), precision=precision)
+    archs, scheduler, scale, size = diffusers_configs(Path(config))
+    return build_sd(sd_config(*archs, scheduler, scale, size), parts, str(path), _tokenizer(Path(config)), precision)
+
+
+def _tokenizer(folder: Path):
+    from .text import CLIPTokenizer
+
+    return CLIPTokenizer.from_folder(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
+
+
+def load_diffusers(folder: Path, precision="fp32") -> Pipeline:
+    from .checkpoint import diffusers_configs, read_diffusers
+
+    archs, scheduler, scale, size = diffusers_configs(folder)
+    cfg = sd_config(*archs, scheduler, scale, size)
+    return build_sd(cfg, read_diffusers(folder, archs), str(folder), _tokenizer(folder), precision)
+
+
+def replace_vae(pipe: Pipeline, path):
+    """Another VAE's weights (a fine-tuned SD VAE): a file in the original layout, with or without the
+    first_stage_model. prefix, or in diffusers' names."""
+    from .checkpoint import diffusers_names, fit_shapes, read_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"VAE folder {path} has no .safetensors weights")
+        path = files[0]
+    tensors = {k.removeprefix("first_stage_model."): v for k, v in read_checkpoint(path).items()
+               if not k.startswith(("loss.", "model_ema."))}
+    back = {theirs: ours for ours, theirs in diffusers_names("vae", pipe.autoencoder).items()}
+    tensors = {back.get(k, k): v for k, v in tensors.items()}
+    load_into(pipe.autoencoder, {k: v.float() for k, v in fit_shapes(pipe.autoencoder, tensors).items()},
+              f"VAE {path}")
+
+
+def save(pipe: Pipeline, path, dtype=None):
+    """The pipeline as one file in the original SD layout (.safetensors; other SD tools read it), or as a
+    diffusers folder when `path` has no .safetensors suffix."""
+    from .checkpoint import save_tensors, write_diffusers
+
+    path = Path(path)
+    if pipe.text_encoder is None or pipe.autoencoder is None:
+        raise ValueError("only text-conditioned latent models (Stable Diffusion's shape) save as SD checkpoints")
+    if path.suffix == ".safetensors":
+        save_tensors({k: v.to(dtype) if dtype else v for k, v in pipe.state_dict().items()}, path)
+    elif path.suffix:
+        raise ValueError(f"{path}: save to a .safetensors file, or to a folder (diffusers layout)")
+    else:
+        write_diffusers(path, pipe)
+    return path

@@ -24,14 +24,16 @@ class UNetConfig:
     context_dim: int | None = None  # width of the cross-attention context; None: no cross-attention
     num_classes: int | None = None  # class labels as an embedding added to the time embedding
     dropout: float = 0.0
+    norm_groups: int = 32  # GroupNorm's groups (SD: 32; diffusers' tiny test models use fewer)
 
     def heads(self, level):
         return self.num_heads[level] if isinstance(self.num_heads, list) else self.num_heads
 
     def validate(self):
         for level, c in enumerate(self.model_channels * m for m in self.channel_mult):
-            if c % 32:
-                raise ValueError(f"unet: channels {c} (model_channels x channel_mult) must be a multiple of 32 for GroupNorm(32)")
+            if c % self.norm_groups:
+                raise ValueError(f"unet: channels {c} (model_channels x channel_mult) must be a multiple of "
+                                 f"norm_groups={self.norm_groups} for GroupNorm")
             if c % self.heads(level):
                 raise ValueError(f"unet: channels {c} must be divisible by num_heads={self.heads(level)}")
         bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
@@ -52,16 +54,16 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def normalization(ch, eps=1e-5):
-    return nn.GroupNorm(32, ch, eps=eps)
+def normalization(ch, eps=1e-5, groups=32):
+    return nn.GroupNorm(groups, ch, eps=eps)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch, emb_dim, out_ch, dropout=0.0):
+    def __init__(self, ch, emb_dim, out_ch, dropout=0.0, groups=32):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(ch, groups=groups), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
-        self.out_layers = nn.Sequential(normalization(out_ch), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(normalization(out_ch, groups=groups), nn.SiLU(), nn.Dropout(dropout),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1))
         nn.init.zeros_(self.out_layers[3].weight), nn.init.zeros_(self.out_layers[3].bias)
         self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
@@ -137,9 +139,9 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, 1x1 projection to tokens, transformer blocks, 1x1 projection back, residual."""
 
-    def __init__(self, ch, heads, depth=1, context_dim=None, dropout=0.0):
+    def __init__(self, ch, heads, depth=1, context_dim=None, dropout=0.0, groups=32):
         super().__init__()
-        self.norm = normalization(ch, eps=1e-6)
+        self.norm = normalization(ch, eps=1e-6, groups=groups)
         self.proj_in = nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(ch, heads, context_dim, dropout) for _ in range(depth))
@@ -197,14 +199,15 @@ class UNet(nn.Module):
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
         def attention(ch, level):
-            return SpatialTransformer(ch, cfg.heads(level), cfg.transformer_depth, cfg.context_dim, cfg.dropout)
+            return SpatialTransformer(ch, cfg.heads(level), cfg.transformer_depth, cfg.context_dim, cfg.dropout,
+                                      cfg.norm_groups)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1))])
         skips, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mc * mult, cfg.dropout)]
+                layers = [ResBlock(ch, emb_dim, mc * mult, cfg.dropout, cfg.norm_groups)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
                     layers.append(attention(ch, level))
@@ -215,12 +218,12 @@ class UNet(nn.Module):
                 skips.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, cfg.dropout), attention(ch, len(cfg.channel_mult) - 1), ResBlock(ch, emb_dim, ch, cfg.dropout))
+            ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups), attention(ch, len(cfg.channel_mult) - 1), ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skips.pop(), emb_dim, mc * mult, cfg.dropout)]
+                layers = [ResBlock(ch + skips.pop(), emb_dim, mc * mult, cfg.dropout, cfg.norm_groups)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
                     layers.append(attention(ch, level))
@@ -228,7 +231,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.in_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch, groups=cfg.norm_groups), nn.SiLU(), nn.Conv2d(mc, cfg.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight), nn.init.zeros_(self.out[2].bias)
 
     def forward(self, x, t, context=None, y=None, concat=None, context_mask=None):

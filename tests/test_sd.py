@@ -1,0 +1,191 @@
+"""Stable Diffusion v1 checkpoints against the reference (diffusers 0.42.1 + transformers 5.24.0), with random
+weights built from config dicts: components, samplers and whole pipelines, in both file layouts."""
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+import nanosd
+from nanosd.samplers import SAMPLERS
+from nanosd.text import CLIPTokenizer
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+FAMILIES = {"ddpm": ("DDPMScheduler", {}), "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {}),
+            "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+            "heun": ("HeunDiscreteScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+            "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+            "unipc": ("UniPCMultistepScheduler", {})}
+
+
+def tiny_reference(folder, in_channels=4, seed=0):
+    """diffusers' own tiny test configuration (GroupNorm(2), per-level heads, a 5-layer CLIP), saved as a folder."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=2)
+    vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                  norm_num_groups=2)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+        num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=49408))
+    CLIPTokenizer.from_vocab().save(folder / "tok")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
+                                           model_max_length=77)
+    scheduler = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER)
+    cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "sd")
+    return pipe.to(torch.float32), folder / "sd"
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    ref, folder = tiny_reference(tmp_path_factory.mktemp("sd"))
+    return ref, nanosd.load(folder), folder
+
+
+PROMPTS = ["a photo of a cat", "a red (house:1.0) by the sea"]  # weights of 1.0 encode as the plain text
+PLAIN = ["a photo of a cat", "a red house by the sea"]  # what diffusers, which knows no weights, is given
+NEGATIVES = ["blurry", ""]
+
+
+def reference_images(ref, name, **kw):
+    cls, extra = FAMILIES[name]
+    ref.scheduler = getattr(diffusers, cls).from_config({**SD15_SCHEDULER, **extra})
+    kw = {"num_inference_steps": 4, "guidance_scale": 6.0, "height": 64, "width": 64, "output_type": "pt", **kw}
+    return ref(generator=torch.Generator().manual_seed(7), **kw).images
+
+
+def test_components_match_the_reference(sd):
+    ref, pipe, _ = sd
+    torch.manual_seed(1)
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 9, 32)
+    t = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, context=ctx), ref.unet(x, t, encoder_hidden_states=ctx).sample,
+                                   rtol=1e-5, atol=1e-5)
+        img = torch.rand(2, 3, 32, 32) * 2 - 1
+        ours, theirs = pipe.vae.encode(img), ref.vae.encode(img).latent_dist
+        torch.testing.assert_close(ours.mean, theirs.mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.logvar, theirs.logvar, rtol=1e-5, atol=1e-5)
+        z = torch.randn(2, 4, 16, 16)
+        torch.testing.assert_close(pipe.vae.decode(z), ref.vae.decode(z).sample, rtol=1e-5, atol=1e-5)
+        ids = pipe.tokenizer(PLAIN)
+        assert ids.tolist() == ref.tokenizer(PLAIN, padding="max_length", max_length=77).input_ids
+        out = ref.text_encoder(ids, output_hidden_states=True)
+        torch.testing.assert_close(pipe.text_encoder(ids), out.last_hidden_state, rtol=1e-5, atol=1e-5)
+        skip2 = ref.text_encoder.final_layer_norm(out.hidden_states[-2])
+        torch.testing.assert_close(pipe.text_encoder(ids, skip=1), skip2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_text_to_image_matches_the_reference_for_every_sampler(sd, name):
+    ref, pipe, _ = sd
+    theirs = reference_images(ref, name, prompt=PLAIN, negative_prompt=NEGATIVES)
+    ours = pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7, height=64, width=64,
+                         output="tensor")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert theirs.std() > 0.02 and not torch.allclose(theirs[0], theirs[1], atol=1e-2)  # pictures, not flat grey
+
+
+def test_clip_skip_latents_and_one_prompt_for_a_batch(sd):
+    """diffusers 0.42.1's own clip_skip reads text_encoder.text_model, which transformers 5 no longer has:
+    its embeddings are made here as its encode_prompt would (the penultimate layer, then the final LayerNorm)."""
+    ref, pipe, _ = sd
+    latents = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ids = ref.tokenizer(["a cat", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        states = ref.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        embeds = ref.text_encoder.final_layer_norm(states)
+    theirs = reference_images(ref, "euler", prompt_embeds=embeds[:1].repeat(3, 1, 1),
+                              negative_prompt_embeds=embeds[1:].repeat(3, 1, 1), latents=latents)
+    ours = pipe.generate("a cat", batch_size=3, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64,
+                         width=64, clip_skip=2, latents=latents, output="tensor")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+
+
+def init_image(seed=0, size=64):
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, size // 8, size // 8, generator=g)
+    return torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear")  # smooth, like a photo
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m"])
+def test_img2img_matches_the_reference(sd, name):
+    ref, pipe, folder = sd
+    img2img = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(ref)
+    image = init_image()
+    theirs = reference_images(img2img, name, prompt=PLAIN, negative_prompt=NEGATIVES, image=image * 2 - 1,
+                              strength=0.6, num_inference_steps=5)
+    ours = pipe.img2img(image, PROMPTS, NEGATIVES, strength=0.6, steps=5, sampler=name, cfg_scale=6.0, seed=7,
+                        output="tensor")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def mask_image(size=64):
+    m = torch.zeros(1, 1, size, size)
+    m[..., size // 4: 3 * size // 4, size // 8: size // 2] = 1
+    return m
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_inpaint_with_a_standard_unet_matches_the_reference(sd, name):
+    ref, pipe, _ = sd
+    inpaint = diffusers.StableDiffusionInpaintPipeline.from_pipe(ref)
+    image, mask = init_image(1), mask_image()
+    theirs = reference_images(inpaint, name, prompt=PLAIN, negative_prompt=NEGATIVES, image=image, mask_image=mask)
+    ours = pipe.inpaint(image, mask, PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7,
+                        output="tensor")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, strength", [("euler_a", 1.0), ("unipc", 1.0), ("ddim", 0.7)])
+def test_the_9_channel_inpainting_unet_matches_the_reference(tmp_path, name, strength):
+    ref, folder = tiny_reference(tmp_path, in_channels=9, seed=1)
+    pipe = nanosd.load(folder)
+    assert pipe.cfg.unet.cond_channels == 5 and pipe.conditioner.cfg.concat == "inpaint"
+    image, mask = init_image(2), mask_image()
+    theirs = reference_images(ref, name, prompt=PLAIN, negative_prompt=NEGATIVES, image=image, mask_image=mask,
+                              strength=strength)
+    ours = pipe.inpaint(image, mask, PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7,
+                        strength=strength, output="tensor")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_single_file_round_trip_and_diffusers_reads_it(sd, tmp_path):
+    ref, pipe, folder = sd
+    path = nanosd.save(pipe, tmp_path / "model.safetensors")
+    again = nanosd.load(path, config=folder)  # GroupNorm(2) is not in the shapes: the tiny model needs its config
+    from safetensors.torch import load_file
+
+    keys = load_file(path)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert keys["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # the original [C, C, 1, 1]
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+    kw = dict(steps=3, sampler="euler", cfg_scale=5.0, seed=2, height=64, width=64, output="tensor")
+    want = pipe.generate(PROMPTS, **kw)
+    torch.testing.assert_close(again.generate(PROMPTS, **kw), want, atol=0, rtol=0)
+    single = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                                safety_checker=None, requires_safety_checker=False)
+    # its single-file scheduler config says timestep_spacing "leading"; nanosd keeps each family's default
+    single.scheduler = diffusers.EulerDiscreteScheduler.from_config(SD15_SCHEDULER)
+    theirs = single(PLAIN, num_inference_steps=3, guidance_scale=5.0, height=64, width=64, output_type="pt",
+                    generator=torch.Generator().manual_seed(2)).images
+    torch.testing.assert_close(want, theirs, atol=1e-4, rtol=0)
+    # and back to a diffusers folder, which diffusers reads
+    out = nanosd.save(again, tmp_path / "folder")
+    back = diffusers.StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    back.scheduler = diffusers.EulerDiscreteScheduler.from_config(back.scheduler.config)
+    theirs = back(PLAIN, num_inference_steps=3, guidance_scale=5.0, height=64, width=64, output_type="pt",
+                  generator=torch.Generator().manual_seed(2)).images
+    torch.testing.assert_close(want, theirs, atol=1e-4, rtol=0)
