@@ -56,5 +56,5 @@ def test_sizes_the_unet_cannot_divide_are_refused_with_the_factor():
     net = UNet(UNetConfig(**{**BASE, "channel_mult": [1, 2, 2]}))
     with pytest.raises(ValueError, match="not divisible by the U-Net's factor 4"):
         net(torch.randn(1, 1, 10, 10), torch.tensor([1]))
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of norm_groups=32"):
         UNet(UNetConfig(**{**BASE, "model_channels": 24}))
