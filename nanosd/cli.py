@@ -22,17 +22,29 @@ def cmd_train(a):
 def cmd_generate(a):
     from .pipeline import infotext, load, save_grid, save_png, to_pil
 
-    pipe = load(a.model)
-    image, mask = (open_image(p) if p else None for p in (a.image, getattr(a, "mask", None)))
-    prompt, nrow = a.prompt, None
+    pipe = load(a.model, precision=a.precision, vae=a.vae, ema=a.ema)
+    prompt, n, nrow = a.prompt, a.n or (16 if (Path(a.model) / "config.toml").is_file() else 1), None
     if a.prompts:  # a row of --n images for each line of the file
         if a.prompt:
             raise ValueError("give a prompt or --prompts FILE, not both")
         lines = [line.strip() for line in Path(a.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-        prompt, nrow = [p for p in lines for _ in range(a.n)], a.n
-    images = pipe.generate(prompt, a.negative, batch_size=a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg,
-                           seed=a.seed, eta=a.eta, image=image, mask=mask, output="tensor")
-    name = Path(a.model).name
+        prompt, nrow = [p for p in lines for _ in range(n)], n
+    height = width = None
+    if a.size:
+        try:
+            width, height = (int(v) for v in a.size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size {a.size!r} must be WIDTHxHEIGHT, e.g. 512x512") from None
+    kw = dict(batch_size=n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=a.seed, eta=a.eta,
+              clip_skip=a.clip_skip, height=height, width=width, output="tensor")
+    image = open_image(a.image) if getattr(a, "image", None) else None
+    if a.command == "img2img":
+        images = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
+    elif a.command == "inpaint":
+        images = pipe.inpaint(image, open_image(a.mask), prompt, a.negative, strength=a.strength, **kw)
+    else:
+        images = pipe.generate(prompt, a.negative, image=image, **kw)
+    name = Path(a.model).stem if Path(a.model).is_file() else Path(a.model).name
     out = Path(a.out)
     if a.out.endswith("/") or out.is_dir():
         if out.is_dir() and any(out.iterdir()):
@@ -43,9 +55,27 @@ def cmd_generate(a):
         print(f"wrote {len(images)} images to {out}/")
     else:
         if out.suffix.lower() != ".png":
-            raise ValueError(f"--out {a.out} must be a .png file (a grid) or a folder ending in '/'")
-        save_grid(images, out, infotext(pipe, images.shape[-2:], name), nrow=nrow)
-        print(f"wrote a grid of {len(images)} images to {out}")
+            raise ValueError(f"--out {a.out} must be a .png file (one image, or a grid) or a folder ending in '/'")
+        if len(images) == 1:
+            save_png(to_pil(images[0]), out, infotext(pipe, images.shape[-2:], name))
+            print(f"wrote {out}")
+        else:
+            save_grid(images, out, infotext(pipe, images.shape[-2:], name), nrow=nrow)
+            print(f"wrote a grid of {len(images)} images to {out}")
+
+
+def cmd_convert(a):
+    from .pipeline import load, save
+
+    pipe = load(a.src, vae=a.vae, ema=a.ema, config=a.config)
+    out = save(pipe, a.dst, dtype={"fp32": None, "fp16": torch_dtype("float16"), "bf16": torch_dtype("bfloat16")}[a.dtype])
+    print(f"wrote {out}")
+
+
+def torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)
 
 
 def open_image(path):
@@ -101,33 +131,56 @@ def main(argv=None):
 
     def sampling(g, image=True):
         g.add_argument("--negative", help="negative prompt (classifier-free guidance steers away from it)")
-        g.add_argument("--cfg", type=float, help="guidance scale (default: the run's condition.guidance)")
+        g.add_argument("--cfg", type=float, help="guidance scale (default: the model's; 7.5 for SD)")
         g.add_argument("--prompts", help="a text file of prompts, one per line: a row of --n images for each")
         if image:
             g.add_argument("--image", help="the spatial condition of a model trained with one (an edge map, ...)")
-        g.add_argument("--n", type=int, default=16)
+        g.add_argument("--n", type=int, help="images (default: 16 for a run folder, 1 for an SD checkpoint)")
         g.add_argument("--steps", type=int)
-        g.add_argument("--sampler", help="ddpm or ddim (default: the run's)")
+        g.add_argument("--sampler", help="ddpm, ddim, plms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc "
+                                         "(or A1111's names, e.g. 'DPM++ 2M Karras'); default: the model's")
         g.add_argument("--eta", type=float)
         g.add_argument("--seed", type=int)
-        g.add_argument("--out", default="samples.png", help="FILE.png for a grid, or DIR/ for one PNG per image")
+        g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's, or the input image's)")
+        g.add_argument("--clip-skip", type=int, default=1, help="A1111's Clip skip: 2 reads CLIP's penultimate layer")
+        g.add_argument("--vae", help="SD checkpoints: a VAE file to use instead of the checkpoint's")
+        g.add_argument("--ema", action="store_true", help="SD single files: the EMA weights (model_ema.*)")
+        g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+        g.add_argument("--out", default="samples.png", help="FILE.png for an image or a grid, or DIR/ for one PNG each")
         g.set_defaults(fn=cmd_generate)
 
-    g = sub.add_parser("generate", help="sample images from a trained model")
-    g.add_argument("model", help="a run folder")
+    model_help = "a run folder, an SD v1.x .safetensors/.ckpt file, or a diffusers folder"
+    g = sub.add_parser("generate", help="text-to-image (or sample a trained model)")
+    g.add_argument("model", help=model_help)
     g.add_argument("prompt", nargs="?", help="conditioned models: the prompt (text, or a class name)")
     sampling(g)
-    g = sub.add_parser("inpaint", help="fill the white part of MASK in IMAGE (an inpainting model)")
-    g.add_argument("model", help="a run folder")
+    g = sub.add_parser("img2img", help="redraw IMAGE after the prompt (SDEdit: noise it, then denoise)")
+    g.add_argument("model", help=model_help)
+    g.add_argument("image")
+    g.add_argument("prompt", nargs="?")
+    g.add_argument("--strength", type=float, default=0.75, help="how much of the schedule to redo (0-1]")
+    sampling(g, image=False)
+    g = sub.add_parser("inpaint", help="fill the white part of MASK in IMAGE")
+    g.add_argument("model", help=model_help)
     g.add_argument("image")
     g.add_argument("mask", help="white = the hole to fill, black = keep")
-    g.add_argument("prompt", nargs="?", help="the prompt, for text-conditioned inpainting models")
+    g.add_argument("prompt", nargs="?", help="the prompt, for text-conditioned models")
+    g.add_argument("--strength", type=float, default=1.0)
     sampling(g, image=False)
     g = sub.add_parser("upscale", help="super-resolve IMAGE (a super-resolution model)")
     g.add_argument("model", help="a run folder")
     g.add_argument("image", help="the low-resolution image")
     g.add_argument("prompt", nargs="?", help="the prompt, for text-conditioned models")
     sampling(g, image=False)
+
+    c = sub.add_parser("convert", help="an SD checkpoint from one layout to the other (single file <-> diffusers)")
+    c.add_argument("src", help="an SD v1.x .safetensors/.ckpt file or a diffusers folder")
+    c.add_argument("dst", help="DST.safetensors (the original single-file layout) or a new folder (diffusers)")
+    c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights of a single file")
+    c.add_argument("--vae", help="a VAE file to put in place of the source's")
+    c.add_argument("--ema", action="store_true", help="take a single file's EMA weights")
+    c.add_argument("--config", help="a diffusers folder whose configs describe a single file's architecture")
+    c.set_defaults(fn=cmd_convert)
 
     d = sub.add_parser("data", help="data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)

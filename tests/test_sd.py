@@ -189,3 +189,90 @@ def test_single_file_round_trip_and_diffusers_reads_it(sd, tmp_path):
     theirs = back(PLAIN, num_inference_steps=3, guidance_scale=5.0, height=64, width=64, output_type="pt",
                   generator=torch.Generator().manual_seed(2)).images
     torch.testing.assert_close(want, theirs, atol=1e-4, rtol=0)
+
+
+class Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_ckpt_files_load_weights_only_with_their_ema(sd, tmp_path):
+    import numpy as np
+
+    _, pipe, folder = sd
+    tensors = pipe.state_dict()
+    ema = {"model_ema." + ("diffusion_model." + k[len("model.diffusion_model."):]).replace(".", ""): v * 0.5
+           for k, v in tensors.items() if k.startswith("model.diffusion_model.")}
+    torch.save({"state_dict": {**tensors, **ema, "model_ema.num_updates": torch.tensor(3)},
+                "global_step": np.int64(1000), "epoch": np.float64(2.0)}, tmp_path / "m.ckpt")
+    plain, averaged = (nanosd.load(tmp_path / "m.ckpt", config=folder, ema=e) for e in (False, True))
+    w = "input_blocks.1.0.in_layers.2.weight"
+    assert torch.equal(plain.unet.state_dict()[w], pipe.unet.state_dict()[w])
+    assert torch.equal(averaged.unet.state_dict()[w], pipe.unet.state_dict()[w] * 0.5)
+    with pytest.raises(ValueError, match="no EMA weights"):
+        nanosd.load(nanosd.save(pipe, tmp_path / "x.safetensors"), config=folder, ema=True)
+
+
+def test_bad_checkpoints_and_requests_get_one_line_errors(sd, tmp_path, capsys):
+    from nanosd.cli import main
+
+    _, pipe, folder = sd
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.ckpt", "wb") as f:
+        pickle.dump({"state_dict": Hostile(marker)}, f)
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Hostile(marker)}, tmp_path / "evil2.ckpt")
+    good = nanosd.save(pipe, tmp_path / "good.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    sd2 = {k: (v.flatten(1) if k.endswith("proj_in.weight") else v) for k, v in pipe.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd2.items()}, tmp_path / "sd2.safetensors")
+    save_file({"unet.out.2.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
+    cases = [(["generate", str(tmp_path / "evil.ckpt"), "a cat"], "cannot be read safely"),
+             (["generate", str(tmp_path / "evil2.ckpt"), "a cat"], "cannot be read safely"),
+             (["generate", str(tmp_path / "cut.safetensors"), "a cat"], "unreadable or truncated"),
+             (["generate", str(tmp_path / "sd2.safetensors"), "a cat"], "nanosd loads SD v1.x"),
+             (["generate", str(tmp_path / "other.safetensors"), "a cat"], "not a Stable Diffusion v1 checkpoint"),
+             (["generate", str(folder), "a cat", "--size", "62x64", "--steps", "1"], "not divisible by the model's factor"),
+             (["generate", str(folder), "a cat", "--sampler", "k_lms"], "unknown sampler 'k_lms'"),
+             (["generate", str(folder), "a cat", "--size", "big"], "must be WIDTHxHEIGHT")]
+    for args, words in cases:
+        assert main(args + ["--out", str(tmp_path / "o.png")]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert not marker.exists()  # the pickle's code never ran
+    with pytest.raises(ValueError, match="other.safetensors does not match the model: missing"):
+        nanosd.load(folder, vae=tmp_path / "other.safetensors")
+
+
+def test_cli_generates_img2img_inpaints_and_converts(sd, tmp_path, capsys):
+    from nanosd.cli import main
+
+    _, pipe, folder = sd
+    out = tmp_path / "a.png"
+    assert main(["generate", str(folder), "a (red:1.2) house", "--negative", "blurry", "--steps", "2", "--sampler",
+                 "DPM++ 2M Karras", "--cfg", "7", "--seed", "1", "--size", "64x64", "--out", str(out)]) == 0
+    im = Image.open(out)
+    assert im.size == (64, 64)
+    assert im.text["parameters"].splitlines() == [
+        "a (red:1.2) house", "Negative prompt: blurry",
+        "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1, Size: 64x64, Model: sd"]
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    assert main(["img2img", str(folder), str(out), "a house", "--strength", "0.5", "--steps", "4", "--seed", "1",
+                 "--out", str(tmp_path / "b.png")]) == 0
+    assert "Denoising strength: 0.5" in Image.open(tmp_path / "b.png").text["parameters"]
+    assert main(["inpaint", str(folder), str(out), str(tmp_path / "mask.png"), "a door", "--steps", "2",
+                 "--out", str(tmp_path / "c.png")]) == 0
+    kept = torch.tensor(list(Image.open(tmp_path / "c.png").convert("L").getdata()), dtype=torch.float).reshape(64, 64)
+    assert kept.shape == (64, 64)
+    assert main(["convert", str(folder), str(tmp_path / "s.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "s.safetensors"), str(tmp_path / "d"), "--config", str(folder)]) == 0
+    back = nanosd.load(tmp_path / "d")
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), pipe.state_dict().values()))
