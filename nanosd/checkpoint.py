@@ -295,8 +295,9 @@ def fit_shapes(model: torch.nn.Module, tensors: dict) -> dict:
             and v.ndim in (2, 4) and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v for k, v in tensors.items()}
 
 
-def write_diffusers(folder, pipe):
-    """A diffusers folder (configs, weights under diffusers' names, tokenizer, scheduler) for an SD pipeline."""
+def write_diffusers(folder, pipe, weights=True):
+    """A diffusers folder (configs, weights under diffusers' names, tokenizer, scheduler) for an SD pipeline;
+    weights=False writes the configs alone (what diffusers' from_single_file takes as `config`)."""
     cfg, u, d = pipe.cfg, pipe.cfg.unet, pipe.cfg.diffusion
     levels = range(len(u.channel_mult))
     heads = [u.heads(lv) for lv in levels]
@@ -322,20 +323,17 @@ def write_diffusers(folder, pipe):
                          "bos_token_id": pipe.tokenizer.bos, "eos_token_id": pipe.tokenizer.eos, "pad_token_id": 1},
     }
     names = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+    beta_start, beta_end = (1e-4, 0.02) if d.schedule == "linear" else (0.00085, 0.012)  # the schedules' own
     scheduler = {"_class_name": "PNDMScheduler", "beta_schedule": names[d.schedule], "num_train_timesteps": d.timesteps,
-                 "beta_start": float(pipe.schedule.betas[0] if d.schedule == "linear" else pipe.schedule.betas[0]),
-                 "beta_end": float(pipe.schedule.betas[-1]), "steps_offset": d.steps_offset,
-                 "set_alpha_to_one": d.set_alpha_to_one, "skip_prk_steps": True, "clip_sample": False,
-                 "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction]}
-    scheduler["beta_start"], scheduler["beta_end"] = d.beta_start or 0.00085, d.beta_end or 0.012
-    if d.schedule == "linear":
-        scheduler["beta_start"], scheduler["beta_end"] = d.beta_start or 1e-4, d.beta_end or 0.02
+                 "beta_start": d.beta_start or beta_start, "beta_end": d.beta_end or beta_end,
+                 "steps_offset": d.steps_offset, "set_alpha_to_one": d.set_alpha_to_one, "skip_prk_steps": True,
+                 "clip_sample": False, "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction]}
     index = {"_class_name": "StableDiffusionInpaintPipeline" if u.cond_channels else "StableDiffusionPipeline",
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
              "feature_extractor": [None, None], "requires_safety_checker": False}
-    weights = {"unet": {diffusers_names("unet", pipe.unet)[k]: v for k, v in pipe.unet.state_dict().items()},
+    tensors = {"unet": {diffusers_names("unet", pipe.unet)[k]: v for k, v in pipe.unet.state_dict().items()},
                "vae": {diffusers_names("vae", pipe.autoencoder)[k]: v.flatten(1) if v.ndim == 4 and v.shape[-1] == 1
                        and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v
                        for k, v in pipe.autoencoder.state_dict().items()},
@@ -345,7 +343,8 @@ def write_diffusers(folder, pipe):
             (tmp / part).mkdir(parents=True)
             (tmp / part / "config.json").write_text(json.dumps(conf, indent=2))
             name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
-            save_file({k: v.contiguous() for k, v in weights[part].items()}, tmp / part / name)
+            if weights:
+                save_file({k: v.contiguous() for k, v in tensors[part].items()}, tmp / part / name)
         pipe.tokenizer.save(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))

@@ -12,7 +12,7 @@ from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config, load_config
 from .samplers import A1111_OF, canonical, get_sampler, make_steps, noised, start
 from .schedule import Schedule
-from .unet import UNet
+from .unet import UNet, UNetConfig
 
 
 class Pipeline:
@@ -412,6 +412,18 @@ def sd_config(unet_cfg, vae_cfg, text_cfg, scheduler: dict, scale_factor=0.18215
                                 guidance=7.5, clip=text_cfg)
     return Config(data=DataConfig(name="", size=size), unet=unet_cfg, diffusion=diffusion,
                   sample=SampleConfig(sampler="dpmpp_2m", steps=20), autoencoder=vae_cfg, condition=condition)
+
+
+def sd_v1_config(inpainting=False) -> Config:
+    """Stable Diffusion v1.x: the U-Net (320 channels, 1,2,4,4, attention at the first three levels, 8 heads,
+    context 768), the f = 8 VAE (scale 0.18215) and CLIP ViT-L/14's text transformer."""
+    from .autoencoder import AutoencoderConfig
+    from .text import CLIPTextConfig
+
+    unet = UNetConfig(in_channels=4, cond_channels=5 if inpainting else 0, model_channels=320, channel_mult=[1, 2, 4, 4],
+                      num_res_blocks=2, attention_levels=[0, 1, 2], num_heads=8, context_dim=768)
+    vae = AutoencoderConfig(in_channels=3, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4)
+    return sd_config(unet, vae, CLIPTextConfig(), {})
 
 
 def build_sd(cfg: Config, parts: dict, where: str, tokenizer=None, precision="fp32") -> Pipeline:

@@ -276,3 +276,41 @@ def test_cli_generates_img2img_inpaints_and_converts(sd, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "s.safetensors"), str(tmp_path / "d"), "--config", str(folder)]) == 0
     back = nanosd.load(tmp_path / "d")
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), pipe.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_full_size_sd15_saved_by_nanosd_loads_in_diffusers_and_matches(tmp_path):
+    """SD v1.5 at full size with random weights: the parameter counts, and the same image from the same latents
+    through diffusers' from_single_file (a local config folder) as through nanosd."""
+    from nanosd.checkpoint import write_diffusers
+    from nanosd.pipeline import build_sd, sd_v1_config
+
+    from nanosd.autoencoder import Autoencoder
+    from nanosd.condition import Conditioner
+    from nanosd.unet import UNet
+
+    cfg = sd_v1_config()
+    torch.manual_seed(0)
+    unet, vae, cond = UNet(cfg.unet), Autoencoder(cfg.autoencoder), Conditioner(cfg.condition)
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, cond.text_encoder)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    with torch.no_grad():  # wake the U-Net's zero-initialised output layers: every weight matters to the comparison
+        for p in unet.parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else p.normal_(0, 0.01)
+    parts = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": cond.text_encoder.state_dict()}
+    pipe = build_sd(cfg, parts, "random SD v1.5")
+    del unet, vae, cond, parts
+    path = nanosd.save(pipe, tmp_path / "sd15.safetensors")
+    write_diffusers(tmp_path / "config", pipe, weights=False)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(steps=2, sampler="euler", cfg_scale=7.5, height=128, width=128, latents=latents, output="tensor")
+    ours = pipe.generate(["a cat", "a dog"], ["", "blurry"], **kw)
+    del pipe
+    ref = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(tmp_path / "config"),
+                                                             local_files_only=True, safety_checker=None,
+                                                             requires_safety_checker=False)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(SD15_SCHEDULER)
+    theirs = ref(["a cat", "a dog"], negative_prompt=["", "blurry"], num_inference_steps=2, guidance_scale=7.5,
+                 height=128, width=128, latents=latents, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert theirs.std() > 0.01
