@@ -181,10 +181,10 @@ class Autoencoder(nn.Module):
         f = self.cfg.factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's factor {f}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))))
 
     def decode(self, z):
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.to(self.quant_conv.weight.dtype)))
 
     def forward(self, x, generator=None):
         posterior = self.encode(x)

@@ -23,6 +23,7 @@ def cmd_generate(a):
     from .pipeline import infotext, load, save_grid, save_png, to_pil
 
     pipe = load(a.model, precision=a.precision, vae=a.vae, ema=a.ema)
+    pipe.progress = True
     prompt, n, nrow = a.prompt, a.n or (16 if (Path(a.model) / "config.toml").is_file() else 1), None
     if a.prompts:  # a row of --n images for each line of the file
         if a.prompt:

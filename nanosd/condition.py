@@ -170,4 +170,4 @@ def bind_conditioner(conditioner: Conditioner, autoencoder, cfg) -> Conditioner:
 def to_latent(autoencoder, x, scale, generator=None):
     """scale * E(x): the posterior's mean, or a sample from it drawn with `generator`."""
     posterior = autoencoder.encode(x)
-    return scale * (posterior.mode() if generator is None else posterior.sample(generator))
+    return scale * (posterior.mode() if generator is None else posterior.sample(generator)).float()

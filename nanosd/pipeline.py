@@ -1,11 +1,11 @@
 """`load()` a model and `generate()` images: noise -> sampler(denoiser, steps) -> image."""
-import contextlib
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+from tqdm import tqdm
 
 from .checkpoint import PREFIXES, load_into, load_tensors
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
@@ -28,6 +28,11 @@ class Pipeline:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
+        if precision == "bf16":  # weights in bf16 (half the memory, AMX matmuls); the sampler's arithmetic stays fp32
+            for m in (self.unet, self.autoencoder, self.text_encoder):
+                if m is not None:  # oneDNN's bf16 convolutions want channels-last
+                    m.to(torch.bfloat16, memory_format=torch.channels_last)
+        self.progress = False  # a tqdm bar over the sampler's steps (the CLI turns it on)
 
     @classmethod
     def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32"):
@@ -52,9 +57,6 @@ class Pipeline:
         p = self.cfg.sample.prompts
         return [p[i * len(p) // n] for i in range(n)] if self.conditioner and self.conditioner.prompted and p else None
 
-    def _autocast(self):
-        return torch.autocast("cpu", torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
-
     def denoiser(self, cond=None, uncond=None, scale=1.0):
         """model(x, t) -> eps, whatever the U-Net was trained to predict. With a condition and scale != 1,
         classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond), both in one batch [uncond; cond]
@@ -67,12 +69,11 @@ class Pipeline:
 
         def model(x, t):
             t = t.reshape(1).expand(x.shape[0])
-            with self._autocast():
-                if guided:
-                    u, c = self.unet(torch.cat([x, x]), torch.cat([t, t]), **cond).float().chunk(2)
-                    out = u + scale * (c - u)
-                else:
-                    out = self.unet(x, t, **(cond or {})).float()
+            if guided:
+                u, c = self.unet(torch.cat([x, x]), torch.cat([t, t]), **cond).float().chunk(2)
+                out = u + scale * (c - u)
+            else:
+                out = self.unet(x, t, **(cond or {})).float()
             if not self.cfg.sample.clip_x0:
                 return s.to_eps(pred, out, x, t)
             x0 = s.to_x0(pred, out, x, t).clamp(-1, 1)
@@ -98,9 +99,8 @@ class Pipeline:
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one each")
         c.check(prompts + negatives)
         self.prompts = list(zip(prompts, negatives))
-        with self._autocast():
-            both = {k: v.float() if v.is_floating_point() else v
-                    for k, v in c(prompts + negatives, clip_skip).items() if v is not None}
+        both = {k: v.float() if v.is_floating_point() else v
+                for k, v in c(prompts + negatives, clip_skip).items() if v is not None}
         n = len(prompts)
         return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}, n
 
@@ -128,8 +128,7 @@ class Pipeline:
         if mask is not None:
             mask = self._mask(mask, image)
         latent = (size[0] // self.factor_ae, size[1] // self.factor_ae)
-        with self._autocast():
-            return self.conditioner.spatial(image, mask, latent, generator).float().expand(n, -1, -1, -1)
+        return self.conditioner.spatial(image, mask, latent, generator).float().expand(n, -1, -1, -1)
 
     def _mask(self, mask, image):
         mask = self._image(mask, tuple(image.shape[-2:]), "mask", 1)
@@ -229,11 +228,18 @@ class Pipeline:
                 known = x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)
                 return _chain(user_callback, i, t, keep * known + (1 - keep) * x, x0_hat)
         kwargs = {"eta": self.cfg.sample.eta if eta is None else eta} if sampler == "ddim" else {}
-        z = get_sampler(sampler)(self.denoiser(cond, uncond, scale), x, sched, generator=g, callback=callback, **kwargs)
+        with tqdm(total=len(sched), desc=A1111_OF.get(sampler, sampler), disable=not self.progress, leave=False) as bar:
+            def progress(i, t, x, x0_hat):
+                out = _chain(callback, i, t, x, x0_hat)
+                bar.n = i + 1
+                bar.refresh()
+                return out
+
+            z = get_sampler(sampler)(self.denoiser(cond, uncond, scale), x, sched, generator=g, callback=progress,
+                                     **kwargs)
         if output == "latent":
             return z
-        with self._autocast():
-            images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1)
+        images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1)
         if output == "tensor":
             return images
         return [to_pil(im) for im in images]
@@ -242,8 +248,7 @@ class Pipeline:
         """Pixels in [-1, 1] -> the model's space: scale * a sample of E(x) (with the generator), or x itself."""
         if self.autoencoder is None:
             return pixels
-        with self._autocast():
-            return to_latent(self.autoencoder, pixels, self.cfg.diffusion.scale_factor, generator).float()
+        return to_latent(self.autoencoder, pixels, self.cfg.diffusion.scale_factor, generator)
 
     def decode(self, z):
         """Model space -> pixels in [-1, 1] (the identity for pixel models)."""

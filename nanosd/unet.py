@@ -238,6 +238,8 @@ class UNet(nn.Module):
         """eps (or v, or x_0) predicted from x_t at timesteps t (B,) with optional conditions:
         context (B, L, context_dim) for cross-attention, y (B,) class labels, concat (B, cond_channels, H, W)."""
         cfg = self.cfg
+        dtype = self.time_embed[0].weight.dtype  # inputs follow the weights (fp32, or bf16 for speed)
+        x, context = x.to(dtype), (context.to(dtype) if context is not None else None)
         if x.shape[-1] % cfg.factor or x.shape[-2] % cfg.factor:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the U-Net's factor {cfg.factor} "
                              f"({len(cfg.channel_mult)} levels): use a multiple of {cfg.factor}")

@@ -160,6 +160,8 @@ def test_the_9_channel_inpainting_unet_matches_the_reference(tmp_path, name, str
     ours = pipe.inpaint(image, mask, PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7,
                         strength=strength, output="tensor")
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    single = nanosd.load(nanosd.save(pipe, tmp_path / "inpainting.safetensors"), config=folder)
+    assert single.cfg.unet.cond_channels == 5  # the 9-channel U-Net, from the shapes
 
 
 def test_single_file_round_trip_and_diffusers_reads_it(sd, tmp_path):
@@ -314,3 +316,54 @@ def test_full_size_sd15_saved_by_nanosd_loads_in_diffusers_and_matches(tmp_path)
                  height=128, width=128, latents=latents, output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert theirs.std() > 0.01
+
+
+def test_half_precision_files_bf16_runs_tokenizer_json_and_a_separate_vae(sd, tmp_path):
+    from safetensors.torch import save_file
+
+    ref, pipe, folder = sd
+    kw = dict(steps=2, sampler="euler", cfg_scale=5.0, seed=3, height=64, width=64, output="tensor")
+    want = pipe.generate(PROMPTS, **kw)
+    for dtype in (torch.float16, torch.bfloat16):  # stored in half precision, computed in fp32
+        half = nanosd.load(nanosd.save(pipe, tmp_path / f"{dtype}.safetensors", dtype=dtype), config=folder)
+        assert half.unet.out[2].weight.dtype == torch.float32
+        assert (half.generate(PROMPTS, **kw) - want).abs().mean() < 2e-2
+    bf16 = nanosd.load(folder, precision="bf16")
+    assert (bf16.generate(PROMPTS, **kw) - want).abs().mean() < 5e-2
+    # a tokenizer folder with tokenizer.json only
+    ref.tokenizer.save_pretrained(tmp_path / "tok")
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / "tok" / f).unlink(missing_ok=True)
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    text = ["an (unusual) prompt, with punctuation!", "ünïcödé and 123 numbers"]
+    assert CLIPTokenizer.from_folder(tmp_path / "tok")(text).tolist() == \
+        ref.tokenizer(text, padding="max_length", max_length=77).input_ids
+    # a fine-tuned VAE in another file: diffusers' names, or the original's with first_stage_model.
+    torch.manual_seed(5)
+    other = diffusers.AutoencoderKL.from_config(ref.vae.config)
+    save_file(other.state_dict(), tmp_path / "vae.safetensors")
+    swapped = nanosd.load(folder, vae=tmp_path / "vae.safetensors")
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped.vae.decode(z), other.decode(z).sample, rtol=1e-5, atol=1e-5)
+    save_file({"first_stage_model." + k: v for k, v in swapped.vae.state_dict().items()}, tmp_path / "vae2.safetensors")
+    again = nanosd.load(folder, vae=tmp_path / "vae2.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(again.vae.state_dict().values(), swapped.vae.state_dict().values()))
+
+
+def test_long_and_weighted_prompts_are_encoded_as_a1111_does(sd):
+    _, pipe, _ = sd
+    c = pipe.conditioner.text
+    words = " ".join(f"word{i}" for i in range(50))  # over 75 tokens: two chunks of 77 positions
+    n = len(c.tokenizer.ids(words))
+    assert 75 < n <= 150
+    with torch.no_grad():
+        long, short = c.encode_clip([words, "a cat"])
+        assert long.shape == (154, 32)
+        first = c.tokenizer.ids(words)[:75]
+        torch.testing.assert_close(long[:77], c.model(c.tokenizer.pack([first]))[0])
+        torch.testing.assert_close(short[:77], c.model(c.tokenizer(["a cat"]))[0])  # padded with an empty chunk
+        torch.testing.assert_close(short[77:], c.model(c.tokenizer([""]))[0])
+        plain, heavy = c.encode_clip(["a cat on a mat", "a (cat:1.5) on a mat"])
+        assert torch.allclose(heavy.mean(), plain.mean(), rtol=1e-4)  # the mean is restored
+        assert not torch.allclose(heavy[2], plain[2])  # "cat" (position 2) weighs more
