@@ -120,7 +120,9 @@ def init_image(seed=0, size=64):
     return torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear")  # smooth, like a photo
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m"])
+# not plms: diffusers' PNDM, started part-way, averages its first eps across the wrong pair of timesteps and
+# then runs one step behind the schedule; nanosd's PLMS starts afresh at the first step it takes
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m", "heun", "unipc"])
 def test_img2img_matches_the_reference(sd, name):
     ref, pipe, folder = sd
     img2img = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(ref)
