@@ -1,5 +1,6 @@
 """The `nanosd` command: a thin shell over the trainer, the pipeline, the data and the figures."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def cmd_train(a):
         cfg = load_config(a.config, a.overrides)
         out = a.out or Path("runs") / Path(a.config).stem
         run = train(cfg, out, minutes=a.minutes, steps=a.steps, autoencoder=a.autoencoder)
-    print(f"done: {run} (weights {run}/model.safetensors, samples {run}/samples.png)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(f"done: {run} (weights {run}/model.safetensors, samples {run}/samples.png)")
 
 
 def cmd_generate(a):

@@ -42,7 +42,8 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch, whatever the number of processes
+    micro_batch: int = 0  # images per forward pass (gradient accumulation below the batch); 0: batch / processes
     lr: float = 1e-3
     warmup_steps: int = 200
     lr_decay: str = "cosine"  # "cosine" to lr * lr_min_ratio over the budget (steps or minutes), or "constant"

@@ -1,20 +1,29 @@
 """One trainer for every model: the loss is passed in. AdamW, EMA, clipping, a step or wall-clock budget,
 atomic safetensors checkpoints, exact resume, metrics in JSONL, sample grids at intervals.
 
-Every random draw of step k (batch order, t, noise, dropout) comes from generators seeded by (seed, k),
+Every random draw of step k (batch order, t, noise, dropout) comes from generators seeded by (seed, k, micro-batch),
 so a resumed run needs only the weights, the optimizer moments and k to continue exactly where it stopped.
+
+Under torchrun the same trainer runs on torch.distributed: DistributedDataParallel over gloo (CPU) or nccl (GPU).
+The global batch splits into micro-batches of train.micro_batch images; rank r takes its contiguous share of them
+(accumulating gradients over its share), so the images seen, their order and every random draw are the same for
+any number of processes: N processes and 1 process accumulating over the same micro-batches take the same step.
+Rank 0 alone writes checkpoints, logs and grids, and decides when the wall-clock budget is spent.
 """
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -31,8 +40,34 @@ CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 
 
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63)
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    return (seed * 1_000_003 + step + micro * 1_000_000_007) % (2**63)
+
+
+def distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device): torchrun's environment starts a process group (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+class _Step(torch.nn.Module):
+    """The model and the loss's own modules under one root, so that DistributedDataParallel averages the gradients
+    of both (the autoencoder's discriminator learns inside its loss)."""
+
+    def __init__(self, model, loss_module, loss_fn):
+        super().__init__()
+        self.model, self.loss_module = model, loss_module
+        object.__setattr__(self, "loss_fn", loss_fn)
+
+    def forward(self, batch, g, step):
+        terms = self.loss_fn(self.model, batch, g, step)
+        return terms if isinstance(terms, dict) else {"loss": terms}
 
 
 class Trainer:
@@ -40,9 +75,10 @@ class Trainer:
     "loss" among them. A loss that learns (an nn.Module: the autoencoder's discriminator) is optimised too.
     `evaluate(step, ema_model)` writes grids and may return metrics for the log; it runs every sample_every steps."""
 
-    def __init__(self, run_dir, model, loss_fn, data, cfg: TrainConfig, *, evaluate=None, device="cpu"):
+    def __init__(self, run_dir, model, loss_fn, data, cfg: TrainConfig, *, evaluate=None, device=None):
         self.run_dir, self.cfg, self.data = Path(run_dir), cfg, data
-        self.device = torch.device(device)
+        self.rank, self.world, auto = distributed()
+        self.device = torch.device(device) if device else auto
         self.model = model.to(self.device)
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -54,6 +90,13 @@ class Trainer:
             raise ValueError("no training budget: set train.steps or --minutes")
         if len(data) < cfg.batch_size:
             raise ValueError(f"data set has {len(data)} images, fewer than train.batch_size={cfg.batch_size}")
+        self.micro = cfg.micro_batch or cfg.batch_size // self.world
+        if cfg.batch_size % self.micro or (cfg.batch_size // self.micro) % self.world:
+            raise ValueError(f"train.batch_size={cfg.batch_size} must split into micro-batches of {self.micro} "
+                             f"(train.micro_batch), a whole number of them for each of {self.world} processes")
+        step = _Step(self.model, self.loss_modules(), self.loss_fn)
+        self.forward = step if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            step, find_unused_parameters=any(True for _ in self.loss_modules().parameters()))
 
     def loss_modules(self) -> torch.nn.Module:
         return self.loss_fn if isinstance(self.loss_fn, torch.nn.Module) else torch.nn.Module()
@@ -68,6 +111,8 @@ class Trainer:
         return t
 
     def save(self):
+        if self.rank:  # one writer
+            return
         meta = {"step": str(self.step), "elapsed": repr(self.elapsed)}
         save_tensors(self.state_tensors(), self.run_dir / STATE, metadata=meta)
         save_tensors(self.ema.state_dict(), self.run_dir / WEIGHTS, metadata=meta)
@@ -93,18 +138,19 @@ class Trainer:
         self.step, self.elapsed = int(meta["step"]), float(meta["elapsed"])
         # the log continues as if the run had never stopped
         log = self.run_dir / METRICS
-        if log.exists():
+        if log.exists() and self.rank == 0:
             lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             log.write_text("".join(ln + "\n" for ln in lines))
         return True
 
     # --- the loop ---
-    def batch(self, step):
+    def batch(self, step, lo=0, hi=None):
+        """Images lo:hi of the global batch of `step`: each epoch a fresh permutation, drawn from (seed, epoch)."""
         n, B = len(self.data), self.cfg.batch_size
         per_epoch = n // B
         epoch, i = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.cfg.seed, -1 - epoch)))
-        idx = perm[i * B:(i + 1) * B]
+        idx = perm[i * B:(i + 1) * B][lo:hi]
         batch = {"image": self.data.images[idx].to(self.device)}
         if self.data.labels is not None:
             batch["label"] = self.data.labels[idx].to(self.device)
@@ -116,7 +162,14 @@ class Trainer:
 
     def done(self):
         c = self.cfg
-        return (c.steps and self.step >= c.steps) or (c.minutes and self.elapsed >= c.minutes * 60)
+        return bool((c.steps and self.step >= c.steps) or (c.minutes and self.elapsed >= c.minutes * 60))
+
+    def sync_clock(self):
+        """Rank 0's elapsed time for every rank: the budget, and the learning rate that follows it, agree."""
+        if self.world > 1:
+            t = torch.tensor([self.elapsed], dtype=torch.float64)
+            dist.broadcast(t, 0)
+            self.elapsed = t.item()
 
     def progress(self):
         """Fraction of the budget spent: of the steps, or of the minutes (whichever is further along)."""
@@ -132,18 +185,31 @@ class Trainer:
 
     def train_step(self):
         c = self.cfg
-        seed = step_seed(c.seed, self.step)
-        torch.manual_seed(seed)  # dropout
-        g = torch.Generator(self.device).manual_seed(seed)
-        batch = self.batch(self.step)
         lr = self.learning_rate()
         for group in self.opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-            terms = self.loss_fn(self.model, batch, g, self.step)
-        terms = terms if isinstance(terms, dict) else {"loss": terms}
         self.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        per_rank = c.batch_size // self.micro // self.world  # micro-batches this rank accumulates
+        sums = {}
+        for j in range(per_rank):
+            k = self.rank * per_rank + j  # the micro-batch's place in the global batch
+            seed = step_seed(c.seed, self.step, k)
+            torch.manual_seed(seed)  # dropout
+            g = torch.Generator(self.device).manual_seed(seed)
+            batch = self.batch(self.step, k * self.micro, (k + 1) * self.micro)
+            sync = contextlib.nullcontext() if j == per_rank - 1 or self.world == 1 else self.forward.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+                    terms = self.forward(batch, g, self.step)
+                (terms["loss"] / per_rank).backward()  # DDP then averages over the ranks
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0.0) + v.detach().float() / per_rank
+        if self.world > 1:  # the logged terms: the mean over the whole batch
+            names = sorted(sums)
+            t = torch.stack([sums[n] for n in names]).to(self.device)
+            dist.all_reduce(t)
+            sums = dict(zip(names, t / self.world))
+        terms = sums
         if c.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
         self.opt.step()
@@ -156,8 +222,9 @@ class Trainer:
     def fit(self):
         c = self.cfg
         total = c.steps or None
-        bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
-        log = open(self.run_dir / METRICS, "a")
+        lead = self.rank == 0
+        bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, disable=not lead)
+        log = open(self.run_dir / METRICS, "a") if lead else open(os.devnull, "w")
         old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C
         losses, t_log = [], time.perf_counter()
         try:
@@ -167,12 +234,14 @@ class Trainer:
                 if not math.isfinite(terms["loss"]):
                     raise FloatingPointError(f"loss is {terms['loss']} at step {self.step}: lower train.lr")
                 self.elapsed += time.perf_counter() - t0
+                self.sync_clock()
                 losses.append(terms)
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.done():
                     ips = len(losses) * c.batch_size / (time.perf_counter() - t_log)
                     rec = {"step": self.step, **{k: sum(d[k] for d in losses) / len(losses) for k in losses[0]},
-                           "lr": lr, "images_per_s": round(ips, 1), "elapsed_s": round(self.elapsed, 1)}
+                           "lr": lr, "images_per_s": round(ips, 1), "elapsed_s": round(self.elapsed, 1),
+                           "world_size": self.world}
                     log.write(json.dumps(rec) + "\n"), log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{ips:.0f}")
                     losses, t_log = [], time.perf_counter()
@@ -180,8 +249,10 @@ class Trainer:
                     self.save()
                 if self.evaluate and c.sample_every and self.step % c.sample_every == 0 and not self.done():
                     t0 = time.perf_counter()
-                    self.run_evaluate(log)
+                    if lead:
+                        self.run_evaluate(log)
                     self.elapsed += time.perf_counter() - t0  # the wall-clock budget includes the grids
+                    self.sync_clock()
         except KeyboardInterrupt:
             self.save()
             bar.close()
@@ -192,7 +263,7 @@ class Trainer:
             log.close()
         bar.close()
         self.save()
-        if self.evaluate:
+        if self.evaluate and lead:
             with open(self.run_dir / METRICS, "a") as log:
                 self.run_evaluate(log)
 
@@ -252,6 +323,8 @@ def _open_run(cfg: Config | None, run_dir: Path, minutes, steps) -> Config:
 
 def _write_config(cfg: Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed()[0]:  # rank 0 writes
+        return
     with atomic_path(run_dir / CONFIG) as p:
         p.write_text(dump_config(cfg))
 
@@ -295,7 +368,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     run_dir = Path(run_dir)
     cfg = _open_run(copy.deepcopy(cfg), run_dir, minutes, steps)  # the caller's config stays as it was
     data = load_dataset(cfg.data.name, cfg.data.size)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world, device = distributed()
     tcfg, ae = cfg.train, None
     if cfg.autoencoder:
         ae_dir = run_dir / "autoencoder"
@@ -359,11 +432,15 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
         save_grid(images, run_dir / "samples.png", nrow=nrow)
 
     trainer = Trainer(run_dir, model, loss_fn, data, tcfg, evaluate=evaluate, device=device)
+    say = print if rank == 0 else (lambda *a: None)
     if trainer.resume():
-        print(f"resuming {run_dir} from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
-    print(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} "
-          f"{'latents' if ae else 'images'} of {tuple(data.images.shape[1:])}, run folder {run_dir}")
+        say(f"resuming {run_dir} from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
+    say(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} "
+        f"{'latents' if ae else 'images'} of {tuple(data.images.shape[1:])}, run folder {run_dir}"
+        + (f", {world} processes" if world > 1 else ""))
     trainer.fit()
+    if world > 1:
+        dist.barrier()  # rank 0's last checkpoint and grid are written before anyone leaves
     return run_dir
 
 
