@@ -98,6 +98,28 @@ def cmd_data(a):
     print(f"{a.name}: {path} ({len(ds)} training images, {len(ds.classes)} classes)")
 
 
+def cmd_data_shard(a):
+    import torch
+
+    from .data import load_dataset
+    from .pipeline import load_autoencoder
+    from .shards import write_shards
+    from .train import weights_key
+
+    size = a.size or (28 if "mnist" in a.src else 64)
+    data = load_dataset(a.src, size)
+    latents = key = None
+    if a.autoencoder:  # a latent run folder or its autoencoder/: E(x) stored beside each image
+        folder = Path(a.autoencoder)
+        folder = folder / "autoencoder" if (folder / "autoencoder" / "model.safetensors").is_file() else folder
+        ae, key = load_autoencoder(folder), weights_key(folder)
+        with torch.no_grad():
+            latents = torch.cat([ae.encode(x).mode() for x in data.images.split(250)])
+    out = write_shards(data, a.dst, a.shard_size, latents, key)
+    print(f"wrote {len(data)} samples in {len(list(out.glob('*.tar')))} shards to {out}"
+          + (f", with latents of {folder}" if latents is not None else ""))
+
+
 def cmd_eval(a):
     from .fid import evaluate_run
 
@@ -190,6 +212,14 @@ def main(argv=None):
     dg = dsub.add_parser("get", help="fetch a data set into the cache")
     dg.add_argument("name", help="mnist, fashion-mnist or emoji")
     dg.set_defaults(fn=cmd_data)
+    ds = dsub.add_parser("shard", help="write a data set as WebDataset tar shards (image, captions, label, latents)")
+    ds.add_argument("src", help="mnist, fashion-mnist, emoji, or a folder of images")
+    ds.add_argument("dst", help="a new folder for shard-NNNNNN.tar and index.json")
+    ds.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    ds.add_argument("--size", type=int, help="image size (default: 28 for MNIST-like sets, else 64)")
+    ds.add_argument("--autoencoder", help="also store E(x) from this run folder's autoencoder (frozen: "
+                                          "latent recipes trained with --autoencoder on the shards then skip encoding)")
+    ds.set_defaults(fn=cmd_data_shard)
 
     v = sub.add_parser("eval", help="metrics of a trained model")
     vsub = v.add_subparsers(dest="eval_command", required=True)

@@ -169,6 +169,21 @@ class ImageSet:
     def __len__(self):
         return len(self.images)
 
+    @property
+    def shape(self):
+        return tuple(self.images.shape[1:])
+
+    def take(self, idx) -> dict:
+        """The samples at idx as a training batch (the same for tar shards, read on demand)."""
+        batch = {"image": self.images[idx]}
+        if self.labels is not None:
+            batch["label"] = self.labels[idx]
+        if self.pixels is not None:
+            batch["pixels"] = self.pixels[idx]
+        if self.captions is not None:
+            batch["captions"] = [self.captions[i] for i in idx.tolist()]
+        return batch
+
     def spread_index(self, n: int) -> torch.Tensor:
         """n indices evenly spaced through the set (MNIST is stored sorted by digit: the first n would not do)."""
         return torch.linspace(0, len(self) - 1, min(n, len(self))).long()
@@ -211,7 +226,12 @@ def _load_folder(folder: Path, size: int) -> ImageSet:
 
 
 def load_dataset(name: str, size: int, split: str = "train") -> ImageSet:
-    """A named data set (fetched if needed) or a folder of images, as floats in [-1, 1] at `size` px."""
+    """A named data set (fetched if needed), a folder of tar shards (read on demand) or a folder of images, as
+    floats in [-1, 1] at `size` px."""
+    if Path(name).is_dir() and (Path(name) / "index.json").is_file():
+        from .shards import ShardSet
+
+        return ShardSet(name, size)
     if Path(name).is_dir():
         return _load_folder(Path(name), size)
     path = fetch(name)

@@ -151,14 +151,7 @@ class Trainer:
         epoch, i = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.cfg.seed, -1 - epoch)))
         idx = perm[i * B:(i + 1) * B][lo:hi]
-        batch = {"image": self.data.images[idx].to(self.device)}
-        if self.data.labels is not None:
-            batch["label"] = self.data.labels[idx].to(self.device)
-        if self.data.pixels is not None:
-            batch["pixels"] = self.data.pixels[idx].to(self.device)
-        if self.data.captions is not None:
-            batch["captions"] = [self.data.captions[i] for i in idx.tolist()]
-        return batch
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in self.data.take(idx).items()}
 
     def done(self):
         c = self.cfg
@@ -378,7 +371,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
             ae, ae_minutes = load_autoencoder(ae_dir, run_dir), 0.0
             cfg.autoencoder = load_config(ae_dir / CONFIG).autoencoder
         else:
-            cfg.autoencoder.in_channels = data.images.shape[1]
+            cfg.autoencoder.in_channels = data.shape[0]
             ae_cfg = cfg.autoencoder_train or TrainConfig()
             if not ae_cfg.steps and not ae_cfg.minutes:
                 if not tcfg.minutes:
@@ -388,12 +381,25 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
             ae_minutes = ae_seconds / 60
         if tcfg.minutes:  # the budget covers both models
             tcfg = dataclasses.replace(tcfg, minutes=max(tcfg.minutes - ae_minutes, 1e-3))
-        latents = encode_dataset(ae, data, ae_dir, cfg)
-        if not cfg.diffusion.scale_factor:
-            cfg.diffusion.scale_factor = round(1 / latents.std().item(), 5)
-        pixels = data.images if cfg.condition and cfg.condition.concat else None
-        data = ImageSet(latents * cfg.diffusion.scale_factor, data.labels, data.classes, data.captions, pixels)
-    cfg.unet.in_channels = data.images.shape[1]
+        stored = getattr(data, "latent_info", None)  # shards written with this very autoencoder's latents
+        if stored and stored["autoencoder"] == weights_key(ae_dir):
+            latents = None
+            if not cfg.diffusion.scale_factor:
+                cfg.diffusion.scale_factor = round(1 / data.latents().std().item(), 5)
+            if cfg.condition and cfg.condition.concat:
+                raise ValueError("spatial conditions need the pixels beside the latents: train on the images, "
+                                 "not on pre-encoded shards")
+            data = data.use_latents(cfg.diffusion.scale_factor)
+        else:
+            latents = encode_dataset(ae, data, ae_dir, cfg)
+            if not cfg.diffusion.scale_factor:
+                cfg.diffusion.scale_factor = round(1 / latents.std().item(), 5)
+            if cfg.condition and cfg.condition.concat and not isinstance(data, ImageSet):
+                raise ValueError("spatial-condition recipes keep the pixels in memory: train them on a data set or "
+                                 "an image folder, not on shards")
+            pixels = data.images if cfg.condition and cfg.condition.concat else None
+            data = ImageSet(latents * cfg.diffusion.scale_factor, data.labels, data.classes, data.captions, pixels)
+    cfg.unet.in_channels = data.shape[0]
     conditioner = None
     if cfg.condition:
         if cfg.condition.encoder == "labels":
@@ -407,8 +413,8 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
                 idx = data.spread_index(len(data.classes) or 8).tolist()
                 cfg.sample.prompts = list(dict.fromkeys(data.captions[i][0] for i in idx))
         conditioner = bind_conditioner(Conditioner(cfg.condition), ae, cfg)
-        for k, v in conditioner.unet_options(data.images.shape[1], cfg.autoencoder.in_channels if ae else
-                                             data.images.shape[1]).items():
+        for k, v in conditioner.unet_options(data.shape[0], cfg.autoencoder.in_channels if ae else
+                                             data.shape[0]).items():
             setattr(cfg.unet, k, v)
     _write_config(cfg, run_dir)
 
@@ -436,7 +442,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     if trainer.resume():
         say(f"resuming {run_dir} from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
     say(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} "
-        f"{'latents' if ae else 'images'} of {tuple(data.images.shape[1:])}, run folder {run_dir}"
+        f"{'latents' if ae else 'images'} of {data.shape}, run folder {run_dir}"
         + (f", {world} processes" if world > 1 else ""))
     trainer.fit()
     if world > 1:
@@ -462,16 +468,21 @@ def _copy_autoencoder(src: Path, dst: Path):
             shutil.copyfile(src / name, p)
 
 
+def weights_key(folder: Path) -> str:
+    """A short hash of a run folder's weights: which autoencoder made a set of latents."""
+    return hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
 @torch.no_grad()
 def encode_dataset(ae, data, ae_dir: Path, cfg: Config, batch=250):
     """E(x) (the posterior mean) for every image, encoded once and cached by the autoencoder's weights."""
-    key = hashlib.sha256((ae_dir / WEIGHTS).read_bytes()).hexdigest()[:16]
+    key = weights_key(ae_dir)
     name = hashlib.sha256(cfg.data.name.encode()).hexdigest()[:8]
     path = cache_dir() / "latents" / f"{name}-{cfg.data.size}-{key}.safetensors"
     if path.exists():
         return load_tensors(path)["latents"]
     device = next(ae.parameters()).device
-    latents = torch.cat([ae.encode(x.to(device)).mode().cpu()
-                         for x in tqdm(data.images.split(batch), desc="encoding latents", leave=False)])
+    latents = torch.cat([ae.encode(data.take(torch.arange(i, min(i + batch, len(data))))["image"].to(device)).mode().cpu()
+                         for i in tqdm(range(0, len(data), batch), desc="encoding latents", leave=False)])
     save_tensors({"latents": latents}, path)
     return latents
