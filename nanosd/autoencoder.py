@@ -157,8 +157,9 @@ class DiagonalGaussian:
         self.std = (0.5 * self.logvar).exp()
 
     def sample(self, generator=None):
-        return self.mean + self.std * torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                                                  dtype=self.mean.dtype)
+        device = generator.device if generator is not None else self.mean.device  # a CPU generator for a GPU model
+        return self.mean + self.std * torch.randn(self.mean.shape, generator=generator, device=device,
+                                                  dtype=self.mean.dtype).to(self.mean.device)
 
     def mode(self):
         return self.mean
@@ -181,10 +182,10 @@ class Autoencoder(nn.Module):
         f = self.cfg.factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's factor {f}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.quant_conv.weight))))
 
     def decode(self, z):
-        return self.decoder(self.post_quant_conv(z.to(self.quant_conv.weight.dtype)))
+        return self.decoder(self.post_quant_conv(z.to(self.quant_conv.weight)))
 
     def forward(self, x, generator=None):
         posterior = self.encode(x)

@@ -86,7 +86,7 @@ class Conditioner(nn.Module):
         if c == "inpaint":
             with torch.no_grad():
                 masked = self.to_model_space(image * (mask < 0.5), generator)
-            return torch.cat([F.interpolate(mask, size=size, mode="nearest"), masked], 1)
+            return torch.cat([F.interpolate(mask, size=size, mode="nearest"), masked.to(mask.device)], 1)
         if c == "edges":
             return F.interpolate(image, size=size, mode="area") * 2 - 1
         return image if image.shape[-1] == size[-1] else F.interpolate(image, size=size, mode="bicubic")

@@ -128,7 +128,7 @@ class Pipeline:
         if mask is not None:
             mask = self._mask(mask, image)
         latent = (size[0] // self.factor_ae, size[1] // self.factor_ae)
-        return self.conditioner.spatial(image, mask, latent, generator).float().expand(n, -1, -1, -1)
+        return self.conditioner.spatial(image, mask, latent, generator).float().cpu().expand(n, -1, -1, -1)
 
     def _mask(self, mask, image):
         mask = self._image(mask, tuple(image.shape[-2:]), "mask", 1)
@@ -227,6 +227,9 @@ class Pipeline:
             def callback(i, t, x, x0_hat):
                 known = x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)
                 return _chain(user_callback, i, t, keep * known + (1 - keep) * x, x0_hat)
+        device = next(self.unet.parameters()).device  # a model trained on a GPU samples there
+        cond, uncond = ({k: v.to(device) for k, v in d.items()} if d else d for d in (cond, uncond))
+        x = x.to(device)
         kwargs = {"eta": self.cfg.sample.eta if eta is None else eta} if sampler == "ddim" else {}
         with tqdm(total=len(sched), desc=A1111_OF.get(sampler, sampler), disable=not self.progress, leave=False) as bar:
             def progress(i, t, x, x0_hat):
@@ -239,7 +242,7 @@ class Pipeline:
                                      **kwargs)
         if output == "latent":
             return z
-        images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1)
+        images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1).cpu()
         if output == "tensor":
             return images
         return [to_pil(im) for im in images]
@@ -248,7 +251,8 @@ class Pipeline:
         """Pixels in [-1, 1] -> the model's space: scale * a sample of E(x) (with the generator), or x itself."""
         if self.autoencoder is None:
             return pixels
-        return to_latent(self.autoencoder, pixels, self.cfg.diffusion.scale_factor, generator)
+        pixels = pixels.to(self.autoencoder.quant_conv.weight.device)
+        return to_latent(self.autoencoder, pixels, self.cfg.diffusion.scale_factor, generator).cpu()
 
     def decode(self, z):
         """Model space -> pixels in [-1, 1] (the identity for pixel models)."""

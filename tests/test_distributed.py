@@ -76,6 +76,12 @@ def test_two_processes_take_the_same_step_as_one_accumulating(recipe, tmp_path):
     assert losses(tmp_path / "two")[0]["loss"] == pytest.approx(losses(tmp_path / "one")[0]["loss"], rel=1e-5)
 
 
+def test_a_wall_clock_budget_ends_every_rank_together(recipe, tmp_path):
+    run(2, recipe, "--minutes", "0.02", "--out", tmp_path / "timed")  # rank 0's clock, broadcast each step
+    log = losses(tmp_path / "timed")
+    assert log and log[-1]["elapsed_s"] >= 1.2 and all(r["world_size"] == 2 for r in log)
+
+
 def test_loss_curves_agree_and_a_run_resumes_with_another_number_of_processes(recipe, tmp_path):
     run(2, recipe, "--steps", 12, "--out", tmp_path / "two")
     run(1, recipe, "--steps", 12, "--out", tmp_path / "one")
