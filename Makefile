@@ -4,7 +4,7 @@ PY ?= python3
 RUN ?= runs/mnist-text
 MINUTES ?= 10
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench browser
 
 install:
 	$(PY) -m pip install -q -e '.[test]'
@@ -15,8 +15,11 @@ demo: install
 	nanosd explain attention $(RUN) "a handwritten 7"
 	@echo "prompt grid: $(RUN)/grid.png (a row per line of configs/mnist-text-prompts.txt)   cross-attention: $(RUN)/attention.png"
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+browser:  # Debian's chromium, for the web page's end-to-end test (root, as on these machines)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 bench: install
 	$(PY) benchmarks/speed.py configs/mnist-pixel.toml

@@ -120,6 +120,12 @@ def cmd_data_shard(a):
           + (f", with latents of {folder}" if latents is not None else ""))
 
 
+def cmd_serve(a):
+    from .server import serve
+
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key)
+
+
 def cmd_eval(a):
     from .fid import evaluate_run
 
@@ -206,6 +212,13 @@ def main(argv=None):
     c.add_argument("--ema", action="store_true", help="take a single file's EMA weights")
     c.add_argument("--config", help="a diffusers folder whose configs describe a single file's architecture")
     c.set_defaults(fn=cmd_convert)
+
+    sv = sub.add_parser("serve", help="a web page and an A1111-compatible HTTP API over a model")
+    sv.add_argument("model", help=model_help)
+    sv.add_argument("--host", default="127.0.0.1", help="any other than 127.0.0.1 needs --api-key")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--api-key", help="every request must then carry it (X-API-Key header)")
+    sv.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("data", help="data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)

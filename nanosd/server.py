@@ -1,0 +1,431 @@
+"""`nanosd serve MODEL`: a web page and an A1111-compatible HTTP API over one pipeline (FastAPI + uvicorn).
+
+Requests queue and run one at a time on the model, in a worker thread; each job reports its place in the queue,
+its progress and a preview of the predicted x_0 every few steps, and can be cancelled (a client that disconnects
+from a waiting API call cancels its job). Input is checked at the edge: every bad request is a 4xx with a message.
+"""
+import asyncio
+import base64
+import binascii
+import io
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from .pipeline import Pipeline, infotext, png_info, to_pil
+from .samplers import A1111_NAMES, A1111_OF, SAMPLERS, canonical
+
+# SD v1's latents -> RGB, a linear map good enough for a preview (the VAE at 512 px costs seconds)
+LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+                           [-0.2120, -0.2616, -0.7177]])
+
+
+@dataclass
+class Limits:
+    max_side: int = 1024
+    max_steps: int = 150
+    max_batch: int = 8
+    max_cfg: float = 30.0
+    max_upload_bytes: int = 8 << 20
+    max_queue: int = 64
+    gallery: int = 200  # images kept for the page (the oldest go first)
+    preview_every: int = 5
+
+
+class Txt2Img(BaseModel):
+    """The fields of A1111's /sdapi/v1/txt2img that nanosd supports (others are ignored, as A1111 ignores extras)."""
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = Field("", max_length=20_000)
+    negative_prompt: str = Field("", max_length=20_000)
+    steps: int = 20
+    sampler_name: str | None = None
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float | None = None
+    clip_skip: int = 1
+
+
+class Img2Img(Txt2Img):
+    init_images: list[str] = Field(min_length=1, max_length=1)
+    mask: str | None = None
+    denoising_strength: float = 0.75
+
+
+class Refused(ValueError):
+    """A request the server will not run: answered 400 with the message."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    id: int
+    request: Txt2Img
+    kind: str  # txt2img or img2img
+    state: str = "queued"  # queued, running, done, cancelled, error
+    step: int = 0
+    total: int = 0
+    preview: bytes | None = None
+    images: list = field(default_factory=list)  # (png bytes, infotext)
+    error: str = ""
+    cancel: bool = False
+    args: dict = field(default_factory=dict)  # the pipeline call, as checked
+    created: float = field(default_factory=time.time)
+
+
+class Server:
+    def __init__(self, pipe: Pipeline, model: str, limits: Limits | None = None):
+        self.pipe, self.model, self.limits = pipe, model, limits or Limits()
+        self.jobs: dict[int, Job] = {}
+        self.queue: deque[Job] = deque()
+        self.current: Job | None = None
+        self.gallery: deque = deque(maxlen=self.limits.gallery)  # (id, png bytes, infotext)
+        self.finished: deque = deque(maxlen=1024)  # job ids in the order they ended
+        self.ids, self.gallery_ids = itertools.count(1), itertools.count(1)
+        self.wake = threading.Condition()
+        self.factor = (pipe.autoencoder.cfg.factor if pipe.autoencoder else 1) * pipe.cfg.unet.factor
+        self.min_side = min(64, pipe.cfg.data.size)
+        threading.Thread(target=self.worker, daemon=True).start()
+
+    # --- checking requests at the edge ---
+    def check(self, r: Txt2Img, kind: str) -> dict:
+        lim = self.limits
+        size = self.pipe.cfg.data.size
+        w, h = (size if v is None else v for v in (r.width, r.height))
+        for name, side in (("width", w), ("height", h)):
+            if not self.min_side <= side <= lim.max_side or side % self.factor:
+                raise Refused(f"{name} {side} must be a multiple of {self.factor} from {self.min_side} to {lim.max_side}")
+        if not 1 <= r.steps <= lim.max_steps:
+            raise Refused(f"steps {r.steps} must be from 1 to {lim.max_steps}")
+        if not 0 <= r.cfg_scale <= lim.max_cfg:
+            raise Refused(f"cfg_scale {r.cfg_scale} must be from 0 to {lim.max_cfg}")
+        if not 1 <= r.batch_size * r.n_iter <= lim.max_batch or r.batch_size < 1 or r.n_iter < 1:
+            raise Refused(f"batch_size x n_iter must be from 1 to {lim.max_batch}")
+        if not 1 <= r.clip_skip <= 4:
+            raise Refused(f"clip_skip {r.clip_skip} must be from 1 to 4")
+        try:
+            sampler = canonical(r.sampler_name) if r.sampler_name else None
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        prompted = self.pipe.conditioner is not None and self.pipe.conditioner.prompted
+        if prompted and not r.prompt.strip():
+            raise Refused("this model needs a prompt")
+        if not prompted and r.prompt.strip():
+            raise Refused("this model takes no prompt")
+        args = {"steps": r.steps, "sampler": sampler, "cfg_scale": r.cfg_scale, "height": h, "width": w,
+                "clip_skip": r.clip_skip, "eta": r.eta}
+        if kind == "img2img":
+            image = self.decode_image(r.init_images[0], "init image")
+            if image.size != (w, h):
+                image = image.convert("RGB").resize((w, h), Image.LANCZOS)
+            if not 0 < r.denoising_strength <= 1:
+                raise Refused(f"denoising_strength {r.denoising_strength} must be in (0, 1]")
+            args.update(image=image, strength=r.denoising_strength)
+            if r.mask:
+                args["mask"] = self.decode_image(r.mask, "mask").convert("L").resize((w, h), Image.NEAREST)
+        return args
+
+    def decode_image(self, data: str, what: str) -> Image.Image:
+        if "," in data[:100] and data.startswith("data:"):  # a data URL, as browsers and A1111 clients send
+            data = data.split(",", 1)[1]
+        if len(data) > self.limits.max_upload_bytes * 4 // 3 + 4:
+            raise Refused(f"{what} is over {self.limits.max_upload_bytes >> 20} MiB")
+        try:
+            raw = base64.b64decode(data, validate=True)
+            image = Image.open(io.BytesIO(raw))
+            if image.format not in ("PNG", "JPEG", "WEBP"):
+                raise Refused(f"{what} is {image.format}: send PNG, JPEG or WebP")
+            if max(image.size) > 4 * self.limits.max_side:
+                raise Refused(f"{what} is {image.size[0]}x{image.size[1]} px, too large")
+            image.load()
+        except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
+            if isinstance(e, Refused):
+                raise
+            raise Refused(f"{what} is not a base64 PNG, JPEG or WebP image") from None
+        return image
+
+    # --- the queue ---
+    def submit(self, request: Txt2Img, kind: str) -> Job:
+        args = self.check(request, kind)
+        with self.wake:
+            if len(self.queue) >= self.limits.max_queue:
+                raise Refused(f"the queue is full ({self.limits.max_queue} waiting): try again later")
+            job = Job(next(self.ids), request, kind, total=request.steps * request.n_iter, args=args)
+            self.jobs[job.id] = job
+            self.queue.append(job)
+            self.wake.notify()
+        return job
+
+    def position(self, job: Job) -> int:
+        """0 while it runs, k when k jobs are ahead of it (the running one included)."""
+        if job.state != "queued":
+            return 0
+        ahead = list(self.queue).index(job) if job in self.queue else 0
+        return ahead + (self.current is not None)
+
+    def worker(self):
+        while True:
+            with self.wake:
+                while not self.queue:
+                    self.wake.wait()
+                job = self.current = self.queue.popleft()
+            if job.cancel:
+                job.state = "cancelled"
+            else:
+                self.run(job)
+            self.current = None
+            self.finished.append(job.id)
+            self.forget()
+
+    def forget(self, keep=256):
+        """Finished jobs' records (their images stay in the gallery): a bounded number are kept for polling."""
+        done = [j for j in self.jobs.values() if j.state in ("done", "cancelled", "error")]
+        for j in done[:-keep]:
+            del self.jobs[j.id]
+
+    def run(self, job: Job):
+        job.state = "running"
+        r, args = job.request, dict(job.args)
+        seed = r.seed if r.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
+        mask = args.pop("mask", None)
+        try:
+            for it in range(r.n_iter):
+                call = dict(args, seed=seed + it * r.batch_size, batch_size=r.batch_size, output="tensor",
+                            callback=self.progress(job, it))
+                prompt = r.prompt or None
+                if job.kind == "img2img":
+                    image, strength = call.pop("image"), call.pop("strength")
+                    if mask is not None:
+                        out = self.pipe.inpaint(image, mask, prompt, r.negative_prompt or None, strength=strength, **call)
+                    else:
+                        out = self.pipe.img2img(image, prompt, r.negative_prompt or None, strength=strength, **call)
+                else:
+                    out = self.pipe.generate(prompt, r.negative_prompt or None, **call)
+                for i, im in enumerate(out):
+                    info = f"{infotext(self.pipe, im.shape[-2:], self.model, i)}"
+                    buf = io.BytesIO()
+                    to_pil(im).save(buf, format="PNG", pnginfo=png_info(info))
+                    job.images.append((buf.getvalue(), info))
+                    self.gallery.append((next(self.gallery_ids), buf.getvalue(), info))
+            job.state = "done"
+        except Cancelled:
+            job.state = "cancelled"
+        except (ValueError, RuntimeError) as e:  # what the pipeline refuses, said in one line
+            job.state, job.error = "error", str(e).splitlines()[0] if str(e) else type(e).__name__
+        job.step = job.total if job.state == "done" else job.step
+
+    def progress(self, job: Job, iteration: int):
+        every = self.limits.preview_every
+
+        def callback(i, t, x, x0):
+            if job.cancel:
+                raise Cancelled()
+            job.step = iteration * job.request.steps + min(i + 1, job.request.steps)
+            if (i + 1) % every == 0:
+                job.preview = self.preview(x0[0])
+        return callback
+
+    def preview(self, z: torch.Tensor) -> bytes:
+        """The predicted x_0 as a small PNG: decoded by the autoencoder for small models, by SD's linear
+        latent-to-RGB map for SD-sized ones."""
+        with torch.no_grad():
+            if self.pipe.autoencoder is None:
+                image = (z.float().cpu() / 2 + 0.5).clamp(0, 1)
+            elif z.shape[-1] > 32 and z.shape[0] == 4:
+                z = z.float().cpu() / self.pipe.cfg.diffusion.scale_factor
+                image = ((torch.einsum("chw,cr->rhw", z, LATENT_RGB) + 1) / 2).clamp(0, 1)
+            else:
+                image = (self.pipe.decode(z[None].float())[0].float().cpu() / 2 + 0.5).clamp(0, 1)
+        buf = io.BytesIO()
+        to_pil(image).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def status(self, job: Job) -> dict:
+        return {"id": job.id, "state": job.state, "position": self.position(job), "step": job.step,
+                "total": job.total, "error": job.error, "queue": len(self.queue),
+                "preview": _b64(job.preview) if job.preview and job.state == "running" else None,
+                "images": [g for g, (png, info) in enumerate(job.images)] if job.state == "done" else []}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class KeyCheck:
+    """Every request but the page itself must carry the key (X-API-Key, or Authorization: Bearer). A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the endpoints."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/":
+            headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            if given != self.key:
+                from fastapi.responses import JSONResponse
+
+                response = JSONResponse({"detail": "missing or wrong API key: send it in an X-API-Key header"}, 401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key: str | None = None):
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    server = Server(pipe, model, limits)
+    app = FastAPI(title="nanosd", docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    if api_key is not None:
+        app.add_middleware(KeyCheck, key=api_key)
+
+    @app.exception_handler(Refused)
+    async def refused(request, e: Refused):
+        return JSONResponse({"detail": str(e)}, 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}".strip(": ")}, 422)
+
+    async def finish(job: Job, request: Request) -> Job:
+        """Wait for a job; a client that goes away cancels it."""
+        while job.state in ("queued", "running"):
+            if await request.is_disconnected():
+                job.cancel = True
+                raise HTTPException(499, "client disconnected")
+            await asyncio.sleep(0.05)
+        if job.state == "error":
+            raise HTTPException(400, job.error)
+        if job.state == "cancelled":
+            raise HTTPException(409, "interrupted")
+        return job
+
+    def a1111_response(job: Job) -> dict:
+        r = job.request
+        infos = [info for _, info in job.images]
+        seed = int(infos[0].split("Seed: ")[1].split(",")[0]) if infos else r.seed
+        info = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": seed,
+                "all_seeds": [seed + i for i in range(len(infos))], "sampler_name": A1111_OF.get(
+                    canonical(r.sampler_name or pipe.cfg.sample.sampler)), "steps": r.steps, "cfg_scale": r.cfg_scale,
+                "width": job.args["width"], "height": job.args["height"], "infotexts": infos}
+        return {"images": [_b64(png) for png, _ in job.images], "parameters": r.model_dump(exclude={"init_images", "mask"}),
+                "info": json.dumps(info)}
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2Img, request: Request):
+        return a1111_response(await finish(server.submit(body, "txt2img"), request))
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2Img, request: Request):
+        return a1111_response(await finish(server.submit(body, "img2img"), request))
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return [{"name": a1111, "aliases": [ours], "options": {}} for a1111, ours in A1111_NAMES.items()
+                if ours in SAMPLERS]
+
+    @app.get("/sdapi/v1/progress")
+    async def progress():
+        job = server.current
+        frac = job.step / job.total if job and job.total else 0.0
+        return {"progress": frac, "eta_relative": 0.0,
+                "state": {"interrupted": bool(job and job.cancel), "job_count": len(server.queue) + (job is not None),
+                          "sampling_step": job.step if job else 0, "sampling_steps": job.total if job else 0},
+                "current_image": _b64(job.preview) if job and job.preview else None, "textinfo": None}
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        if server.current is not None:
+            server.current.cancel = True
+        return {}
+
+    # --- for the page: submit, poll, cancel, gallery ---
+    @app.post("/api/jobs")
+    async def submit(request: Request):
+        """The page's requests, A1111-shaped: with init_images an img2img (with a mask, an inpainting)."""
+        from pydantic import ValidationError
+
+        try:
+            body = await request.json()
+        except ValueError:
+            raise Refused("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise Refused("the body must be a JSON object")
+        kind = "img2img" if body.get("init_images") else "txt2img"
+        try:
+            parsed = (Img2Img if kind == "img2img" else Txt2Img).model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        return server.status(server.submit(parsed, kind))
+
+    @app.get("/api/jobs/{job_id}")
+    async def job_status(job_id: int):
+        if job_id not in server.jobs:
+            raise HTTPException(404, f"no job {job_id}")
+        return server.status(server.jobs[job_id])
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    async def cancel(job_id: int):
+        if job_id not in server.jobs:
+            raise HTTPException(404, f"no job {job_id}")
+        server.jobs[job_id].cancel = True
+        return server.status(server.jobs[job_id])
+
+    @app.get("/api/gallery")
+    async def gallery():
+        return [{"id": i, "url": f"/api/gallery/{i}.png", "parameters": info} for i, _, info in reversed(server.gallery)]
+
+    @app.get("/api/gallery/{image_id}.png")
+    async def gallery_image(image_id: int):
+        for i, png, _ in server.gallery:
+            if i == image_id:
+                return Response(png, media_type="image/png",
+                                headers={"Content-Disposition": f'attachment; filename="nanosd-{i:05d}.png"'})
+        raise HTTPException(404, f"no image {image_id}")
+
+    @app.get("/api/model")
+    async def model_info():
+        c = pipe.conditioner
+        return {"model": model, "size": pipe.cfg.data.size, "factor": server.factor, "min_side": server.min_side,
+                "max_side": server.limits.max_side, "prompted": bool(c and c.prompted),
+                "sampler": A1111_OF.get(canonical(pipe.cfg.sample.sampler)), "steps": pipe.cfg.sample.steps,
+                "cfg_scale": pipe.cfg.condition.guidance if pipe.cfg.condition else 1.0}
+
+    page = (Path(__file__).parent / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    return app
+
+
+def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None):
+    import uvicorn
+
+    from .pipeline import load
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        raise ValueError(f"--host {host} opens the server to other machines: give --api-key KEY as well")
+    pipe = load(model)
+    name = Path(model).stem if Path(model).is_file() else Path(model).name
+    uvicorn.run(create_app(pipe, name, limits, api_key), host=host, port=port, log_level="warning")

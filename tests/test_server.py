@@ -1,0 +1,240 @@
+"""nanosd serve: the A1111-shaped API, the queue, validation at the edge, the key, and the page in headless Chromium."""
+import base64
+import http.client
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from PIL import Image
+
+from nanosd import load
+from nanosd.condition import ConditionConfig
+from nanosd.data import ImageSet
+from nanosd.server import Limits, create_app
+from nanosd.text import CLIPTextConfig
+from nanosd.train import train
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny text-conditioned model (a CLIP text encoder trained with it), trained for one step."""
+    from nanosd.config import load_config
+
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = load_config(values={
+        "data": {"size": 8},
+        "unet": {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1], "num_heads": 2},
+        "train": {"batch_size": 8, "steps": 1, "sample_every": 0},
+        "sample": {"steps": 4, "n": 2},
+        "condition": {"encoder": "clip", "clip": {"width": 32, "layers": 1, "heads": 2, "max_length": 16}},
+    })
+    data = ImageSet(torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 2, ["cat", "dog"],
+                    [[c] for c in ["a cat", "a dog"] * 8])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("nanosd.train.load_dataset", lambda *a, **k: data)
+        return train(cfg, tmp / "run")
+
+
+def start(app):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(200):
+        if server.started:
+            return f"http://127.0.0.1:{port}", server
+        time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    app = create_app(load(model), "tiny", Limits(max_side=64, max_batch=4, max_steps=50, max_queue=32))
+    url, server = start(app)
+    yield url, app.state.server
+    server.should_exit = True
+
+
+def call(url, path, body=None, key=None, raw=None, timeout=60):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json",
+                                                                  **({"X-API-Key": key} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def png_b64(size=8, mode="L", fmt="PNG", value=128):
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), value).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a1111_requests(served):
+    url, _ = served
+    status, out = call(url, "/sdapi/v1/txt2img", {"prompt": "a cat", "negative_prompt": "a dog", "steps": 3,
+                                                  "sampler_name": "Euler a", "cfg_scale": 3, "seed": 5, "width": 8,
+                                                  "height": 8, "batch_size": 2, "override_settings": {}})
+    assert status == 200 and len(out["images"]) == 2
+    im = Image.open(io.BytesIO(base64.b64decode(out["images"][1])))
+    assert im.size == (8, 8) and im.text["parameters"].splitlines()[:2] == ["a cat", "Negative prompt: a dog"]
+    info = json.loads(out["info"])
+    assert info["seed"] == 5 and len(info["infotexts"]) == 2 and "Sampler: Euler a" in info["infotexts"][0]
+    mask = png_b64(value=255)
+    for extra in ({}, {"mask": mask}):  # img2img, then inpainting
+        status, out = call(url, "/sdapi/v1/img2img", {"prompt": "a dog", "init_images": [png_b64(mode="RGB")],
+                                                      "denoising_strength": 0.5, "steps": 4, "seed": 1, **extra})
+        assert status == 200 and len(out["images"]) == 1, out
+        assert "Denoising strength: 0.5" in json.loads(out["info"])["infotexts"][0]
+    status, samplers = call(url, "/sdapi/v1/samplers")
+    assert {"DPM++ 2M Karras", "Euler a", "UniPC"} <= {s["name"] for s in samplers}
+    assert call(url, "/sdapi/v1/progress")[1]["state"]["job_count"] == 0
+    assert call(url, "/sdapi/v1/interrupt", {})[0] == 200
+
+
+BAD = [
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 0}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 51}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "steps": "many"}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "cfg_scale": -1}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "cfg_scale": 1e9}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 7}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 4096}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "height": 0}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "height": -8}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "batch_size": 0}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "batch_size": 100}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "n_iter": 0}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "batch_size": 4, "n_iter": 4}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "k_lms"}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": 7}), ("/sdapi/v1/txt2img", {"prompt": ""}),
+    ("/sdapi/v1/txt2img", {"prompt": "   "}), ("/sdapi/v1/txt2img", {"prompt": ["a", "b"]}),
+    ("/sdapi/v1/txt2img", {"prompt": "x" * 30_000}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "seed": "lucky"}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "clip_skip": 0}), ("/sdapi/v1/txt2img", {"prompt": "a cat", "clip_skip": 12}),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 8.5}), ("/sdapi/v1/txt2img", [1, 2, 3]),
+    ("/sdapi/v1/txt2img", "not json"), ("/sdapi/v1/txt2img", None),
+    ("/sdapi/v1/img2img", {"prompt": "a cat"}), ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": []}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": ["not base64!!"]}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [base64.b64encode(b"just text").decode()]}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [png_b64(fmt="GIF")]}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [png_b64(fmt="BMP")]}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": ["A" * (9 << 20)]}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [png_b64(size=600)]}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [png_b64()], "denoising_strength": 0}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [png_b64()], "denoising_strength": 1.5}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [png_b64()], "mask": "garbage"}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [png_b64(), png_b64()]}),
+    ("/sdapi/v1/img2img", {"prompt": "a cat", "init_images": [7]}),
+    ("/api/jobs", {"prompt": "a cat", "steps": -3}), ("/api/jobs", {"prompt": ""}), ("/api/jobs", "[]"),
+    ("/api/jobs", {"prompt": "a cat", "init_images": ["%%%"]}), ("/api/jobs", {"prompt": "a cat", "width": 1000}),
+    ("/api/jobs/999999", None), ("/api/jobs/999999/cancel", {}), ("/api/jobs/abc", None),
+    ("/api/gallery/424242.png", None), ("/sdapi/v1/nothing", {}), ("/sdapi/v1/txt2img?x=1", {"prompt": "a", "steps": 1e6}),
+]
+
+
+def test_fifty_malformed_or_oversized_requests_all_get_4xx(served):
+    url, _ = served
+    assert len(BAD) >= 50
+    for path, body in BAD:
+        raw = body.encode() if isinstance(body, str) else None
+        status, out = call(url, path, None if raw is not None else body, raw=raw)
+        assert 400 <= status < 500, (path, body, status, out)
+        assert out is None or "detail" in out, out
+
+
+def test_twenty_concurrent_requests_complete_in_order_with_memory_bounded(served):
+    import resource
+
+    url, server = served
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results, threads = {}, []
+    first = max(server.jobs, default=0)
+
+    def one(i):
+        results[i] = call(url, "/sdapi/v1/txt2img", {"prompt": f"a cat {i}", "steps": 3, "seed": i}, timeout=120)
+
+    for i in range(20):
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert all(status == 200 and len(out["images"]) == 1 for status, out in results.values())
+    ended = [j for j in server.finished if j > first][-20:]
+    assert ended == sorted(ended) and len(ended) == 20  # one at a time, first come first served
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    assert len(server.gallery) <= server.limits.gallery
+
+
+def test_a_client_that_disconnects_leaves_no_work_running(served):
+    url, server = served
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    conn.request("POST", "/sdapi/v1/txt2img", json.dumps({"prompt": "a cat", "steps": 50, "n_iter": 4, "width": 64, "height": 64}),
+                 {"Content-Type": "application/json"})
+    for _ in range(100):  # until it runs
+        job = max(server.jobs)
+        if server.jobs[job].state == "running":
+            break
+        time.sleep(0.02)
+    conn.close()
+    for _ in range(200):
+        if server.jobs[job].state in ("cancelled", "done"):
+            break
+        time.sleep(0.05)
+    assert server.jobs[job].state == "cancelled" and server.jobs[job].step < 200
+
+
+def test_other_hosts_need_a_key_and_every_request_carries_it(model):
+    from nanosd.server import serve
+
+    with pytest.raises(ValueError, match="--api-key"):
+        serve(str(model), host="0.0.0.0")
+    url, server = start(create_app(load(model), "tiny", api_key="s3cret"))
+    try:
+        assert call(url, "/sdapi/v1/samplers")[0] == 401
+        assert call(url, "/sdapi/v1/samplers", key="wrong")[0] == 401
+        assert call(url, "/sdapi/v1/samplers", key="s3cret")[0] == 200
+        with urllib.request.urlopen(url + "/") as r:  # the page itself; its calls send the key
+            assert r.status == 200
+    finally:
+        server.should_exit = True
+
+
+def test_the_page_in_headless_chromium(served, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium: apt-get install chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    url, server = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelectorAll('#sampler option').length >= 9")
+        n = len(server.gallery)
+        page.fill("#prompt", "a (cat:1.2)")
+        page.fill("#negative", "a dog")
+        page.select_option("#sampler", "DPM++ 2M")
+        page.fill("#steps", "6")
+        page.uncheck("#random")
+        page.fill("#seed", "42")
+        page.fill("#batch", "2")
+        page.click("#generate")
+        page.wait_for_function(f"document.querySelectorAll('#gallery a').length >= {n + 2}", timeout=60_000)
+        assert "done" in page.inner_text("#status")
+        href = page.get_attribute("#gallery a", "href")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+    with urllib.request.urlopen(url + href) as r:
+        im = Image.open(io.BytesIO(r.read()))
+    params = im.text["parameters"]
+    assert params.startswith("a (cat:1.2)\nNegative prompt: a dog\nSteps: 6, Sampler: DPM++ 2M") and "Seed: 42" in params
+    assert Image.open(tmp_path / "page.png").size[0] >= 1100
