@@ -40,9 +40,9 @@ def load_tensors(path) -> dict:
         raise ValueError(f"checkpoint {path} is unreadable or truncated ({e}): re-create or re-download it") from None
 
 
-def load_into(module: torch.nn.Module, tensors: dict, what: str, assign=False):
+def load_into(module: torch.nn.Module, tensors: dict, what: str, assign=False, dtype=torch.float32):
     """load_state_dict(strict) with missing, unexpected and mis-shaped keys listed on one line. With assign, the
-    module (built on the meta device) takes the tensors themselves, in float32: no second copy, no random init."""
+    module (built on the meta device) takes the tensors themselves, in `dtype`: no second copy, no random init."""
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -52,8 +52,11 @@ def load_into(module: torch.nn.Module, tensors: dict, what: str, assign=False):
         parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
         raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
-    if assign:
-        tensors = {k: v.float() for k, v in tensors.items()}
+    if assign:  # converted one by one in place: each original is freed as its copy is made
+        layout = torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format  # oneDNN's bf16 convs
+        for k in list(tensors):
+            v = tensors[k].to(dtype)
+            tensors[k] = v.contiguous(memory_format=layout) if v.ndim == 4 else v
     module.load_state_dict(tensors, assign=assign)
 
 
@@ -79,8 +82,36 @@ def _ckpt_globals():
             *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32"))]
 
 
-def read_checkpoint(path) -> dict:
-    """All tensors of a .safetensors file, or of a .ckpt through the weights-only unpickler (never plain pickle)."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def stream_tensors(path, dtype=None):
+    """(name, tensor) for each tensor of a .safetensors file, read with plain reads in file order and floats cast to
+    `dtype` as they come: no memory map stays alive, so a 2 GB fp16 file loads into bf16 in 2 GB, not 4."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                f.seek(8 + n + start)
+                data = bytearray(f.read(end - start))
+                if len(data) != end - start:
+                    raise ValueError(f"{name} is cut short")
+                t = torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]) if data else torch.empty(0, dtype=_DTYPES[info["dtype"]])
+                t = t.reshape(info["shape"])
+                yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable or truncated ({e}): re-create or re-download it") from None
+
+
+def read_checkpoint(path, dtype=None) -> dict:
+    """All tensors of a .safetensors file (streamed), or of a .ckpt through the weights-only unpickler (never plain
+    pickle); floating-point tensors cast to `dtype` when given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
@@ -98,8 +129,11 @@ def read_checkpoint(path) -> dict:
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
         if not isinstance(sd, dict):
             raise ValueError(f"checkpoint {path} holds no state dict")
-        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return load_tensors(path)
+        return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return dict(stream_tensors(path, dtype))
 
 
 def _rename(key, rules, inner=()):
@@ -261,7 +295,7 @@ def diffusers_configs(folder: Path):
     return (unet, vae, text), sched, vc.get("scaling_factor", 0.18215), uc.get("sample_size", 64) * vae.factor
 
 
-def read_diffusers(folder: Path, configs) -> dict:
+def read_diffusers(folder: Path, configs, dtype=None) -> dict:
     """A diffusers folder's weights (fp16 variants and shards alike), by part, under our names."""
     from .autoencoder import Autoencoder
     from .unet import UNet
@@ -272,7 +306,7 @@ def read_diffusers(folder: Path, configs) -> dict:
             raise FileNotFoundError(f"diffusers folder {folder} has no weights in {sub}/")
         out = {}
         for f in files:
-            out.update(read_checkpoint(f))
+            out.update(read_checkpoint(f, dtype))
         return out
 
     unet_cfg, vae_cfg, _ = configs

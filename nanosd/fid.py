@@ -75,12 +75,20 @@ def real_statistics(name: str, size: int, n: int, split="train"):
 
 
 def evaluate_run(run, n=1000, seed=0, batch=100):
-    """FID of n samples of a run against n real training images, and the real-vs-real floor (n held-out images)."""
+    """FID of n samples of a run against n real training images, and the real-vs-real floor (n held-out images).
+    A conditioned model is prompted with those images' own captions (or classes), spread through the set."""
     from .pipeline import load
 
     pipe = load(run)
     name, size = pipe.cfg.data.name, pipe.cfg.data.size
-    samples = torch.cat([pipe.generate(batch_size=min(batch, n - i), seed=seed + i, output="tensor")
+    prompts = None
+    if pipe.conditioner is not None and pipe.conditioner.prompted:  # the captions (or classes) of the real images
+        data = load_dataset(name, size, "train")
+        idx = data.spread_index(n).tolist()
+        prompts = ([data.classes[int(data.labels[i])] for i in idx] if pipe.conditioner.cfg.encoder == "labels"
+                   else [data.captions[i][0] for i in idx])
+    samples = torch.cat([pipe.generate(prompts[i:i + batch] if prompts else None, batch_size=min(batch, n - i),
+                                       seed=seed + i, output="tensor")
                          for i in tqdm(range(0, n, batch), desc="sampling", leave=False)])
     real = real_statistics(name, size, n, "train")
     score = frechet_distance(*statistics(features(samples, desc="sample features")), *real)

@@ -33,6 +33,7 @@ class Pipeline:
                 if m is not None:  # oneDNN's bf16 convolutions want channels-last
                     m.to(torch.bfloat16, memory_format=torch.channels_last)
         self.progress = False  # a tqdm bar over the sampler's steps (the CLI turns it on)
+        self.vae_tile = 96  # latents larger than this decode in tiles (96 = 768 px for SD)
 
     @classmethod
     def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32"):
@@ -187,9 +188,8 @@ class Pipeline:
         if not concat and cond_image is not None:
             raise ValueError("this model was trained without a spatial condition: give no image or mask")
         # the size: as asked, else the init image's, else the model's own
-        first = init if init is not None else None
-        default = (first.size[1], first.size[0]) if isinstance(first, Image.Image) else \
-            tuple(torch.as_tensor(first).shape[-2:]) if first is not None else (self.cfg.data.size,) * 2
+        default = (init.size[1], init.size[0]) if isinstance(init, Image.Image) else \
+            tuple(torch.as_tensor(init).shape[-2:]) if init is not None else (self.cfg.data.size,) * 2
         size = (height or default[0], width or default[1])
         factor = self.factor_ae * self.cfg.unet.factor
         if size[0] % factor or size[1] % factor:
@@ -225,8 +225,8 @@ class Pipeline:
             user_callback = callback
 
             def callback(i, t, x, x0_hat):
-                known = x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)
-                return _chain(user_callback, i, t, keep * known + (1 - keep) * x, x0_hat)
+                known = (x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)).to(x.device)
+                return _chain(user_callback, i, t, keep.to(x.device) * known + (1 - keep.to(x.device)) * x, x0_hat)
         device = next(self.unet.parameters()).device  # a model trained on a GPU samples there
         cond, uncond = ({k: v.to(device) for k, v in d.items()} if d else d for d in (cond, uncond))
         x = x.to(device)
@@ -254,11 +254,46 @@ class Pipeline:
         pixels = pixels.to(self.autoencoder.quant_conv.weight.device)
         return to_latent(self.autoencoder, pixels, self.cfg.diffusion.scale_factor, generator).cpu()
 
-    def decode(self, z):
-        """Model space -> pixels in [-1, 1] (the identity for pixel models)."""
+    def decode(self, z, tile: int | None = None, overlap: int = 16):
+        """Model space -> pixels in [-1, 1] (the identity for pixel models). Latents larger than `tile` (default
+        self.vae_tile, 96 = 768 px for SD) decode in overlapping tiles, feathered together, so memory stays that
+        of one tile whatever the size."""
         if self.autoencoder is None:
             return z
-        return torch.cat([self.autoencoder.decode(b / self.cfg.diffusion.scale_factor) for b in z.split(64)])
+        z = z / self.cfg.diffusion.scale_factor
+        tile = tile or self.vae_tile
+        if max(z.shape[-2:]) <= tile:
+            return torch.cat([self.autoencoder.decode(b).float() for b in z.split(64)])
+        f, (H, W) = self.factor_ae, z.shape[-2:]
+        out = weight = 0
+        for y in _starts(H, tile, overlap):
+            for x in _starts(W, tile, overlap):
+                part = self.autoencoder.decode(z[..., y:y + tile, x:x + tile]).float()
+                h, w = part.shape[-2:]
+                ramp = (_ramp(h, overlap * f, y == 0, y + tile >= H)[:, None] * _ramp(w, overlap * f, x == 0, x + tile >= W))
+                pad = (x * f, W * f - x * f - w, y * f, H * f - y * f - h)
+                out = out + torch.nn.functional.pad(part * ramp, pad)
+                weight = weight + torch.nn.functional.pad(ramp, pad)
+        return out / weight
+
+
+def _starts(n, tile, overlap):
+    """Tile origins along a side of n: every tile - overlap, the last flush with the end."""
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile, tile - overlap))
+    return starts + [n - tile]
+
+
+def _ramp(n, overlap, first, last):
+    """A tile's weight along one side: 1 inside, rising over the overlap where another tile shares the border."""
+    r = torch.ones(n)
+    edge = torch.linspace(0, 1, overlap + 2)[1:-1]
+    if not first:
+        r[:overlap] = edge
+    if not last:
+        r[-overlap:] = edge.flip(0)
+    return r
 
 
 def _chain(callback, i, t, x, x0):
@@ -368,6 +403,8 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
     files, as diffusers' from_single_file takes them). ema=True takes a single file's EMA U-Net.
     compile=True compiles the U-Net (torch.compile; the first image pays for it)."""
     path = Path(path)
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     if path.is_dir() and (path / "config.toml").is_file():
         if vae is not None:
             raise ValueError("vae= replaces the VAE of Stable Diffusion checkpoints, not of run folders")
@@ -423,6 +460,9 @@ def sd_config(unet_cfg, vae_cfg, text_cfg, scheduler: dict, scale_factor=0.18215
                   sample=SampleConfig(sampler="dpmpp_2m", steps=20), autoencoder=vae_cfg, condition=condition)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def sd_v1_config(inpainting=False) -> Config:
     """Stable Diffusion v1.x: the U-Net (320 channels, 1,2,4,4, attention at the first three levels, 8 heads,
     context 768), the f = 8 VAE (scale 0.18215) and CLIP ViT-L/14's text transformer."""
@@ -440,19 +480,22 @@ def build_sd(cfg: Config, parts: dict, where: str, tokenizer=None, precision="fp
     from .autoencoder import Autoencoder
     from .checkpoint import fit_shapes
 
+    dtype = DTYPES[precision]
     with torch.device("meta"):
         unet, ae = UNet(cfg.unet), Autoencoder(cfg.autoencoder)
         conditioner = Conditioner(cfg.condition, tokenizer)
-    load_into(unet, parts["unet"], f"{where}: the U-Net", assign=True)
-    load_into(ae, fit_shapes(ae, parts["vae"]), f"{where}: the VAE", assign=True)
-    load_into(conditioner.text_encoder, parts["text_encoder"], f"{where}: the text encoder", assign=True)
+    # popped: the models then hold the only reference, so converting them (channels-last for bf16) frees as it goes
+    load_into(unet, parts.pop("unet"), f"{where}: the U-Net", assign=True, dtype=dtype)
+    load_into(ae, fit_shapes(ae, parts.pop("vae")), f"{where}: the VAE", assign=True, dtype=dtype)
+    load_into(conditioner.text_encoder, parts.pop("text_encoder"), f"{where}: the text encoder", assign=True,
+              dtype=dtype)
     return Pipeline(unet, Schedule.of(cfg.diffusion), cfg, ae, bind_conditioner(conditioner, ae, cfg), precision)
 
 
 def load_single_file(path: Path, precision="fp32", ema=False, config=None) -> Pipeline:
     from .checkpoint import diffusers_configs, infer_sd, read_checkpoint, split_single_file
 
-    parts = split_single_file(read_checkpoint(path), ema)
+    parts = split_single_file(read_checkpoint(path, DTYPES[precision]), ema)  # cast as read: one copy in memory
     if config is None:
         return build_sd(sd_config(*infer_sd(parts, str(path)), {}), parts, str(path), precision=precision)
     archs, scheduler, scale, size = diffusers_configs(Path(config))
@@ -470,7 +513,7 @@ def load_diffusers(folder: Path, precision="fp32") -> Pipeline:
 
     archs, scheduler, scale, size = diffusers_configs(folder)
     cfg = sd_config(*archs, scheduler, scale, size)
-    return build_sd(cfg, read_diffusers(folder, archs), str(folder), _tokenizer(folder), precision)
+    return build_sd(cfg, read_diffusers(folder, archs, DTYPES[precision]), str(folder), _tokenizer(folder), precision)
 
 
 def replace_vae(pipe: Pipeline, path):

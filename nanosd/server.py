@@ -84,6 +84,7 @@ class Job:
     error: str = ""
     cancel: bool = False
     args: dict = field(default_factory=dict)  # the pipeline call, as checked
+    seed: int = -1  # the seed used (drawn when the request said -1)
     created: float = field(default_factory=time.time)
 
 
@@ -200,7 +201,7 @@ class Server:
     def run(self, job: Job):
         job.state = "running"
         r, args = job.request, dict(job.args)
-        seed = r.seed if r.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
+        seed = job.seed = r.seed if r.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
         mask = args.pop("mask", None)
         try:
             for it in range(r.n_iter):
@@ -322,9 +323,9 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     def a1111_response(job: Job) -> dict:
         r = job.request
         infos = [info for _, info in job.images]
-        seed = int(infos[0].split("Seed: ")[1].split(",")[0]) if infos else r.seed
-        info = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": seed,
-                "all_seeds": [seed + i for i in range(len(infos))], "sampler_name": A1111_OF.get(
+        info = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": job.seed,
+                "all_seeds": [job.seed + i // r.batch_size * r.batch_size for i in range(len(infos))],  # one per batch
+                "sampler_name": A1111_OF.get(
                     canonical(r.sampler_name or pipe.cfg.sample.sampler)), "steps": r.steps, "cfg_scale": r.cfg_scale,
                 "width": job.args["width"], "height": job.args["height"], "infotexts": infos}
         return {"images": [_b64(png) for png, _ in job.images], "parameters": r.model_dump(exclude={"init_images", "mask"}),
