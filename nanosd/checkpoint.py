@@ -131,8 +131,6 @@ def read_checkpoint(path, dtype=None) -> dict:
             raise ValueError(f"checkpoint {path} holds no state dict")
         return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                 for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
     return dict(stream_tensors(path, dtype))
 
 

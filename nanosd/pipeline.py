@@ -10,7 +10,7 @@ from tqdm import tqdm
 from .checkpoint import PREFIXES, load_into, load_tensors
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config, load_config
-from .samplers import A1111_OF, canonical, get_sampler, make_steps, noised, start
+from .samplers import A1111_OF, after_step, canonical, get_sampler, make_steps, noised, start
 from .schedule import Schedule
 from .unet import UNet, UNetConfig
 
@@ -25,7 +25,7 @@ class Pipeline:
         self.unet, self.schedule, self.cfg = unet.eval(), schedule, cfg
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.conditioner = conditioner.eval() if conditioner is not None else None
-        if precision not in ("fp32", "bf16"):
+        if precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
         if precision == "bf16":  # weights in bf16 (half the memory, AMX matmuls); the sampler's arithmetic stays fp32
@@ -226,14 +226,14 @@ class Pipeline:
 
             def callback(i, t, x, x0_hat):
                 known = (x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)).to(x.device)
-                return _chain(user_callback, i, t, keep.to(x.device) * known + (1 - keep.to(x.device)) * x, x0_hat)
+                return after_step(user_callback, i, t, keep.to(x.device) * known + (1 - keep.to(x.device)) * x, x0_hat)
         device = next(self.unet.parameters()).device  # a model trained on a GPU samples there
         cond, uncond = ({k: v.to(device) for k, v in d.items()} if d else d for d in (cond, uncond))
         x = x.to(device)
         kwargs = {"eta": self.cfg.sample.eta if eta is None else eta} if sampler == "ddim" else {}
         with tqdm(total=len(sched), desc=A1111_OF.get(sampler, sampler), disable=not self.progress, leave=False) as bar:
             def progress(i, t, x, x0_hat):
-                out = _chain(callback, i, t, x, x0_hat)
+                out = after_step(callback, i, t, x, x0_hat)
                 bar.n = i + 1
                 bar.refresh()
                 return out
@@ -294,11 +294,6 @@ def _ramp(n, overlap, first, last):
     if not last:
         r[-overlap:] = edge.flip(0)
     return r
-
-
-def _chain(callback, i, t, x, x0):
-    out = callback(i, t, x, x0) if callback else None
-    return x if out is None else out
 
 
 def sample_from_derived(pipe: Pipeline, pixels: torch.Tensor, prompts=None, seed=0):

@@ -73,10 +73,11 @@ def start(steps: Steps, sampler: str, noise: torch.Tensor, x0: torch.Tensor | No
 
 def noised(steps: Steps, sampler: str, x0, noise, i):
     """x_0 at the noise level of step i, in the sampler's space (diffusers' add_noise)."""
-    if SAMPLERS[canonical(sampler)].sigma_family:
+    spec = SAMPLERS[canonical(sampler)]
+    if spec.sigma_family:
         return x0 + noise * steps.sigma[i]
     ab = steps.ab[i]
-    if SAMPLERS[canonical(sampler)].spacing != "leading":  # the multistep solvers go through sigma
+    if spec.spacing != "leading":  # the multistep solvers go through sigma
         alpha = 1 / (steps.sigma[i] ** 2 + 1) ** 0.5
         return alpha * x0 + steps.sigma[i] * alpha * noise
     return ab.float() ** 0.5 * x0 + (1 - ab.float()) ** 0.5 * noise
@@ -86,7 +87,8 @@ def _randn(x, generator):
     return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
-def _after(callback, i, t, x, x0):
+def after_step(callback, i, t, x, x0):
+    """Run a step's callback; a tensor it returns replaces x."""
     if callback is None:
         return x
     out = callback(i, t, x, x0)
@@ -109,7 +111,7 @@ def sample_ddpm(model, x, steps, *, generator=None, callback=None):
         if t > 0:
             var = ((1 - ab_prev) / (1 - ab) * beta).clamp_min(1e-20)
             x = x + var**0.5 * _randn(x, generator)
-        x = _after(callback, i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -125,7 +127,7 @@ def sample_ddim(model, x, steps, *, eta=0.0, generator=None, callback=None):
         x = ab_next**0.5 * x0 + (1 - ab_next - sigma**2) ** 0.5 * eps
         if eta > 0:
             x = x + sigma * _randn(x, generator)
-        x = _after(callback, i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -147,7 +149,7 @@ def sample_plms(model, x, steps, *, generator=None, callback=None):
         eps = model(x, t)
         ets.append(eps)
         if i == 0 and len(steps) > 1:  # a trial step to t_1, and eps there
-            trial = _after(callback, 0, t, transfer(x, eps, 0), x0_of(x, eps, 0))
+            trial = after_step(callback, 0, t, transfer(x, eps, 0), x0_of(x, eps, 0))
             eps = (eps + model(trial, steps.t[1])) / 2
         elif len(ets) == 2:
             eps = (3 * ets[-1] - ets[-2]) / 2
@@ -156,7 +158,7 @@ def sample_plms(model, x, steps, *, generator=None, callback=None):
         elif len(ets) >= 4:
             eps = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
         x0 = x0_of(x, ets[-1], i)
-        x = _after(callback, i, t, transfer(x, eps, i), x0)
+        x = after_step(callback, i, t, transfer(x, eps, i), x0)
         ets = ets[-3:]
     return x
 
@@ -189,7 +191,7 @@ def sample_dpmpp_2m(model, x, steps, *, generator=None, callback=None):
             d = x0 + 0.5 * (x0 - prev) / r0
         x = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * d
         prev = x0
-        x = _after(callback, i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -235,7 +237,7 @@ def sample_unipc(model, x, steps, *, generator=None, callback=None):
         order = min(2, len(steps) - i, len(outs))
         last_x = x
         res = 0.0 if order == 1 else 0.5 * (outs[-2] - outs[-1]) / ratio(i, i - 1)
-        x = _after(callback, i, t, update(x, i, m, res), m)
+        x = after_step(callback, i, t, update(x, i, m, res), m)
     return x
 
 
@@ -252,7 +254,7 @@ def sample_euler(model, x, steps, *, generator=None, callback=None):
         s = steps.sigma[i]
         x0 = _denoise(model, x, s, t)
         x = x + (x - x0) / s * (steps.sigma[i + 1] - s)
-        x = _after(callback, i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -266,7 +268,7 @@ def sample_euler_a(model, x, steps, *, generator=None, callback=None):
         up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
         down = (s_next**2 - up**2) ** 0.5
         x = x + (x - x0) / s * (down - s)
-        x = _after(callback, i, t, x + _randn(x, generator) * up, x0)
+        x = after_step(callback, i, t, x + _randn(x, generator) * up, x0)
     return x
 
 
@@ -284,7 +286,7 @@ def sample_heun(model, x, steps, *, generator=None, callback=None):
             x = x + (d + (x_euler - x2) / s_next) / 2 * (s_next - s)
         else:
             x = x_euler
-        x = _after(callback, i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 

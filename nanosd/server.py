@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +84,6 @@ class Job:
     cancel: bool = False
     args: dict = field(default_factory=dict)  # the pipeline call, as checked
     seed: int = -1  # the seed used (drawn when the request said -1)
-    created: float = field(default_factory=time.time)
 
 
 class Server:
