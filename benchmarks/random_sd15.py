@@ -1,7 +1,7 @@
 """Write a Stable Diffusion v1.5-shaped single file with random weights (no real weights can be had offline):
 what the CLI timing and the speed benchmarks run on.
 
-    python benchmarks/random_sd15.py /tmp/sd15.safetensors [--fp16] [--inpainting]
+    python benchmarks/random_sd15.py /tmp/sd15.safetensors [--fp16] [--inpainting] [--config DIR]
 """
 import argparse
 
@@ -9,6 +9,7 @@ import torch
 
 import nanosd
 from nanosd.autoencoder import Autoencoder
+from nanosd.checkpoint import write_diffusers
 from nanosd.condition import Conditioner
 from nanosd.pipeline import build_sd, sd_v1_config
 from nanosd.unet import UNet
@@ -17,6 +18,7 @@ p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--fp16", action="store_true", help="store fp16 weights, as most published files do")
 p.add_argument("--inpainting", action="store_true", help="the 9-channel inpainting U-Net")
+p.add_argument("--config", help="also write its diffusers config folder here (what from_single_file takes)")
 a = p.parse_args()
 cfg = sd_v1_config(a.inpainting)
 torch.manual_seed(0)
@@ -27,3 +29,6 @@ with torch.no_grad():  # the U-Net's output layers start at zero; random weights
 parts = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": cond.text_encoder.state_dict()}
 pipe = build_sd(cfg, parts, "random SD v1.5")
 print(f"wrote {nanosd.save(pipe, a.out, dtype=torch.float16 if a.fp16 else None)}")
+if a.config:
+    write_diffusers(a.config, pipe, weights=False)
+    print(f"wrote {a.config}")

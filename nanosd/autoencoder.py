@@ -252,7 +252,7 @@ def psnr(a, b):
 
 def ssim(a, b, window=7, sigma=1.5):
     """Structural similarity (Wang et al. 2004) per image, Gaussian window, for images in [0, 1]."""
-    coords = torch.arange(window, dtype=torch.float32) - window // 2
+    coords = torch.arange(window, dtype=torch.float32, device=a.device) - window // 2
     g1 = torch.exp(-coords**2 / (2 * sigma**2))
     g1 = g1 / g1.sum()
     kernel = (g1[:, None] * g1[None]).expand(a.shape[1], 1, window, window)

@@ -24,7 +24,7 @@ def cmd_train(a):
 def cmd_generate(a):
     from .pipeline import infotext, load, save_grid, save_png, to_pil
 
-    pipe = load(a.model, precision=a.precision, vae=a.vae, ema=a.ema)
+    pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema)
     pipe.progress = True
     prompt, n, nrow = a.prompt, a.n or (16 if (Path(a.model) / "config.toml").is_file() else 1), None
     if a.prompts:  # a row of --n images for each line of the file
@@ -177,6 +177,7 @@ def main(argv=None):
         g.add_argument("--vae", help="SD checkpoints: a VAE file to use instead of the checkpoint's")
         g.add_argument("--ema", action="store_true", help="SD single files: the EMA weights (model_ema.*)")
         g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+        g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (the first image pays for it)")
         g.add_argument("--out", default="samples.png", help="FILE.png for an image or a grid, or DIR/ for one PNG each")
         g.set_defaults(fn=cmd_generate)
 

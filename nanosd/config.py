@@ -70,6 +70,7 @@ class SampleConfig:
     steps: int = 50
     eta: float = 0.0
     clip_x0: bool = False  # clip the predicted x_0 to [-1, 1] while sampling (pixel models)
+    inpaint_blend: bool = False  # inpainting U-Nets also blend the known latents in after each step (as others must)
     n: int = 64  # images in the grids written during training
     prompts: list[str] = field(default_factory=list)  # conditioned models: the grids' prompts (default: one per class)
 

@@ -210,7 +210,8 @@ class Pipeline:
         pixels = (self._image(init, size, "image") * 2 - 1) if init is not None else None
         m = self._mask(mask, pixels) if mask is not None else None
         inpainting = m is not None
-        x0 = self.to_model_space(pixels, g) if init is not None and (not inpainting or strength < 1 or not concat) else None
+        blend = inpainting and (not concat or self.cfg.sample.inpaint_blend)
+        x0 = self.to_model_space(pixels, g) if init is not None and (not inpainting or strength < 1 or blend) else None
         ch = self.cfg.unet.in_channels
         noise = torch.randn((n, ch, *latent_size), generator=g) if latents is None else latents.float()
         x0 = x0.expand(n, -1, -1, -1) if x0 is not None else None
@@ -219,9 +220,15 @@ class Pipeline:
             image = (pixels + 1) / 2 if inpainting else cond_image
             cond = dict(cond or {}, concat=self.spatial_condition(image, m, n, size, g))
             uncond = dict(uncond or {}, concat=cond["concat"])
-        elif inpainting:  # a standard U-Net: keep the unmasked part by blending after each step
-            torch.randn((1, ch, *latent_size), generator=g)  # diffusers encodes the masked image here, unused
-            keep = 1 - torch.nn.functional.interpolate(m, size=latent_size)
+        elif inpainting:  # diffusers encodes the masked image here for a standard U-Net, unused
+            torch.randn((1, ch, *latent_size), generator=g)
+        if blend:  # keep the unmasked part: the known latents, noised to the current step, after each step
+            # a latent cell is repainted where its nearest mask pixel is white (diffusers' rule, for a standard
+            # U-Net); an inpainting U-Net repaints only the cells wholly inside the hole, so that the kept pixels
+            # decode from their own latents
+            hole = -torch.nn.functional.max_pool2d(-m, self.factor_ae) if concat else \
+                torch.nn.functional.interpolate(m, size=latent_size)
+            keep = 1 - hole
             user_callback = callback
 
             def callback(i, t, x, x0_hat):

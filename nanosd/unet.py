@@ -248,6 +248,7 @@ class UNet(nn.Module):
                 got = None if concat is None else concat.shape[1]
                 raise ValueError(f"this U-Net expects {cfg.cond_channels} concatenated condition channels, got {got}")
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        t = t.to(x.device)  # a sampler's timesteps live on the CPU
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
         if cfg.num_classes:

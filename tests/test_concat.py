@@ -57,6 +57,16 @@ def test_concat_modes_end_to_end(tmp_path, tiny_cfg, data, concat, encoder, late
           "lowres": {"image": small}}[concat]
     out = pipe.generate(prompt, batch_size=2, seed=0, output="tensor", **kw)
     assert out.shape == (2, 1, 8, 8)
+    if concat == "inpaint":  # blended after each step, the latent cells wholly outside the hole stay as encoded
+        pipe.cfg.sample.inpaint_blend = True
+        z = pipe.generate(prompt, batch_size=2, seed=0, output="latent", **kw)
+        known = pipe.to_model_space(image[None] * 2 - 1, torch.Generator().manual_seed(0))  # the first draw
+        f = pipe.factor_ae
+        keep = torch.ones(8 // f, 8 // f, dtype=torch.bool)
+        keep[2 // f:6 // f, 2 // f:6 // f] = False
+        torch.testing.assert_close(z[..., keep], known.expand_as(z)[..., keep])
+        assert not torch.allclose(z[..., ~keep], known.expand_as(z)[..., ~keep])
+        pipe.cfg.sample.inpaint_blend = False
     other = dict(kw, image=torch.rand_like(kw["image"]))
     assert not torch.allclose(out, pipe.generate(prompt, batch_size=2, seed=0, output="tensor", **other))
 

@@ -387,3 +387,14 @@ def test_tiled_decode_blends_tiles_into_the_untiled_image(sd):
     with torch.no_grad():  # and the real VAE: same shape, finite, close to the untiled decode on average
         real = pipe.decode(z[:1] * 0.1, tile=16, overlap=4)
         assert real.shape == (1, 3, 80, 112) and torch.isfinite(real).all()
+
+
+def test_compiled_unet_matches_the_exact_path(sd):
+    """The fast paths against fp32 eager on the tiny model: torch.compile (fp32, and bf16 with its tolerance)."""
+    _, pipe, folder = sd
+    kw = dict(steps=2, sampler="dpmpp_2m", cfg_scale=5.0, seed=4, height=64, width=64, output="tensor")
+    want = pipe.generate(PROMPTS, **kw)
+    fast = nanosd.load(folder, compile=True)
+    torch.testing.assert_close(fast.generate(PROMPTS, **kw), want, atol=1e-4, rtol=0)
+    fast = nanosd.load(folder, precision="bf16", compile=True)
+    assert (fast.generate(PROMPTS, **kw) - want).abs().mean() < 5e-2

@@ -1,0 +1,144 @@
+"""nanosd beside diffusers on Stable Diffusion v1.5, measured in one run: a U-Net step (batch 2, as classifier-free
+guidance runs it, 77 tokens), a VAE decode (batch 1), a whole text-to-image (tokenizer, text encoder, 20
+dpmpp_2m steps, decode; after a one-step warm-up), the load time and the peak resident memory.
+
+    python benchmarks/sd15.py [--size 512] [--repeats 3] [--modes nanosd-fp32,diffusers-fp32,nanosd-bf16,...]
+
+Weights are random with SD v1.5's shapes (no real ones can be had offline), stored as fp16 like most published
+files. Each mode runs in a process of its own, so that each peak memory is its own. Prints medians and each mode's
+ratio to diffusers fp32, and the whole images' mean absolute difference from nanosd fp32 (on [0, 1]).
+Modes: {nanosd,diffusers}-{fp32,bf16}, and nanosd-bf16-compile (torch.compile; its first image pays for it).
+diffusers' bf16 is its recommended CPU set-up: bf16 weights and channels_last.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "a photograph of an astronaut riding a horse"
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+
+
+def peak_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def child(a):
+    """One mode, in its own process: prints one JSON line."""
+    impl, precision, *extra = a.child.split("-")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    t0 = time.perf_counter()
+    if impl == "nanosd":
+        import nanosd
+
+        pipe = nanosd.load(a.checkpoint, precision=precision, compile="compile" in extra)
+        unet = lambda x, t, ctx: pipe.unet(x, t, context=ctx)
+        decode = lambda z: pipe.decode(z)
+        image = lambda steps: pipe.generate(PROMPT, steps=steps, sampler="dpmpp_2m", cfg_scale=7.5, seed=0,
+                                            height=a.size, width=a.size, output="tensor")
+    else:
+        import diffusers
+
+        ref = diffusers.StableDiffusionPipeline.from_single_file(
+            a.checkpoint, config=a.config, local_files_only=True, safety_checker=None, requires_safety_checker=False,
+            torch_dtype=dtype)
+        ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
+        if precision == "bf16":
+            ref.unet.to(memory_format=torch.channels_last)
+            ref.vae.to(memory_format=torch.channels_last)
+        ref.set_progress_bar_config(disable=True)
+        unet = lambda x, t, ctx: ref.unet(x, t, encoder_hidden_states=ctx).sample
+        decode = lambda z: ref.vae.decode(z).sample
+        image = lambda steps: ref(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=a.size, width=a.size,
+                                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    out = {"mode": a.child, "load_s": time.perf_counter() - t0, "load_peak_gib": peak_gib()}
+    s = a.size // 8
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(2, 4, s, s, generator=g, dtype=dtype), torch.randn(1, 4, s, s, generator=g, dtype=dtype)
+    ctx, t = torch.randn(2, 77, 768, generator=g).to(dtype), torch.tensor(500)
+    with torch.inference_mode():
+        if "unet" in a.parts:
+            out["unet_s"] = timed(lambda: unet(x, t, ctx), a.repeats)
+        if "vae" in a.parts:
+            out["vae_s"] = timed(lambda: decode(z), a.repeats)
+        if "image" in a.parts:
+            image(1)  # warm-up: every code path once
+            t0 = time.perf_counter()
+            im = image(a.steps)
+            out["image_s"] = time.perf_counter() - t0
+            torch.save(im.float().cpu(), Path(a.tmp) / f"{a.child}.pt")
+    out["peak_gib"] = peak_gib()
+    print(json.dumps(out), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20, help="sampler steps of the whole image")
+    p.add_argument("--repeats", type=int, default=3, help="timed U-Net steps and decodes (medians)")
+    p.add_argument("--modes", default="nanosd-fp32,diffusers-fp32,nanosd-bf16,diffusers-bf16")
+    p.add_argument("--parts", default="unet,vae,image", help="which of unet, vae, image to time")
+    p.add_argument("--checkpoint", help="an SD v1.5 single file (default: random weights, written once)")
+    p.add_argument("--config", help="its diffusers config folder (default: written with the random weights)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not a.checkpoint:
+            a.checkpoint, a.config = f"{tmp}/sd15-fp16.safetensors", f"{tmp}/config"
+            subprocess.run([sys.executable, str(Path(__file__).parent / "random_sd15.py"), a.checkpoint, "--fp16",
+                            "--config", a.config], check=True, stdout=subprocess.DEVNULL)
+        rows = []
+        for mode in a.modes.split(","):
+            cmd = [sys.executable, __file__, "--child", mode, "--tmp", tmp, "--size", str(a.size), "--steps",
+                   str(a.steps), "--repeats", str(a.repeats), "--parts", a.parts, "--checkpoint", a.checkpoint]
+            cmd += ["--config", a.config] if a.config else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                print(f"{mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{mode}: done", file=sys.stderr, flush=True)
+        images = {m: torch.load(f, weights_only=True) for m in a.modes.split(",")
+                  if (f := Path(tmp) / f"{m}.pt").exists()}
+    base = next((r for r in rows if r["mode"] == "diffusers-fp32"), None)
+    print(f"\nSD v1.5 (random weights, fp16 file), {a.size}x{a.size}, U-Net batch 2 x 77 tokens, "
+          f"{torch.get_num_threads()} threads; medians of {a.repeats}; (x) = time / diffusers fp32's")
+    cols = [("load_s", "load s"), ("unet_s", "U-Net step s"), ("vae_s", "VAE decode s"),
+            ("image_s", f"image ({a.steps} dpmpp_2m) s"), ("peak_gib", "peak RSS GiB")]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    print("| mode | " + " | ".join(c[1] for c in cols) + " | image MAD vs nanosd-fp32 |")
+    print("|---" * (len(cols) + 2) + "|")
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            ratio = f" ({v / base[k]:.2f}x)" if base and k in base and k.endswith("_s") and v is not None else ""
+            cells.append("-" if v is None else f"{v:.2f}{ratio}")
+        ref = images.get("nanosd-fp32")
+        mad = (images[r["mode"]] - ref).abs().mean().item() if ref is not None and r["mode"] in images else None
+        print(f"| {r['mode']} | " + " | ".join(cells) + f" | {'-' if mad is None else f'{mad:.2e}'} |")
+
+
+if __name__ == "__main__":
+    main()
