@@ -164,7 +164,8 @@ class Pipeline:
     def inpaint(self, image, mask, prompt=None, negative_prompt=None, *, strength=1.0, **kw):
         """Fill the white part of `mask`. An inpainting U-Net (SD's 9-channel one, or one trained here) reads the
         mask and the masked image; any other model keeps the unmasked part by blending it in, noised to the
-        current step, after every step (diffusers' way for a standard U-Net)."""
+        current step, after every step (diffusers' way for a standard U-Net); sample.inpaint_blend makes an
+        inpainting U-Net blend too (A1111's way)."""
         return self._sample(prompt, negative_prompt, init=image, mask=mask, strength=strength, **kw)
 
     @torch.no_grad()
