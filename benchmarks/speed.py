@@ -3,6 +3,7 @@
     python benchmarks/speed.py configs/mnist-pixel.toml [--steps 20] [--n 64]
 """
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -27,11 +28,12 @@ def main():
     cfg = load_config(a.config)
     c, s = cfg.unet.in_channels, cfg.data.size
     data = ImageSet(torch.rand(1024, c, s, s) * 2 - 1, None, [])  # the speed does not depend on the pixels
-    schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    schedule = Schedule.of(cfg.diffusion)
     torch.manual_seed(0)
     unet = UNet(cfg.unet)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(tmp, unet, lambda m, b, g, step: diffusion_loss(m, b, g, schedule=schedule), data, cfg.train)
+        loss = lambda m, b, g, step: diffusion_loss(m, b, g, schedule=schedule, prediction=cfg.diffusion.prediction)
+        trainer = Trainer(tmp, unet, loss, data, dataclasses.replace(cfg.train, steps=a.steps + 2))
         times = []
         for i in range(a.steps + 2):
             t0 = time.perf_counter()

@@ -159,3 +159,14 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_its_floor(tmp_path, tin
     assert trainer.learning_rate() == lr
     trainer.cfg.steps, trainer.cfg.minutes, trainer.elapsed, trainer.cfg.lr_decay = 0, 10, 300, "cosine"
     assert abs(trainer.learning_rate() - lr * 0.525) < 1e-12  # half the wall-clock budget spent
+
+
+def test_speed_benchmark_prints_its_figures():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks/speed.py"), str(root / "configs/mnist-pixel.toml"),
+                          "--steps", "1", "--n", "2", "--repeats", "1"], capture_output=True, text=True, check=True)
+    assert "images/s" in out.stdout and "s/image" in out.stdout
