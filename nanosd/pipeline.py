@@ -223,19 +223,19 @@ class Pipeline:
             uncond = dict(uncond or {}, concat=cond["concat"])
         elif inpainting:  # diffusers encodes the masked image here for a standard U-Net, unused
             torch.randn((1, ch, *latent_size), generator=g)
+        device = next(self.unet.parameters()).device  # a model trained on a GPU samples there
         if blend:  # keep the unmasked part: the known latents, noised to the current step, after each step
             # a latent cell is repainted where its nearest mask pixel is white (diffusers' rule, for a standard
             # U-Net); an inpainting U-Net repaints only the cells wholly inside the hole, so that the kept pixels
             # decode from their own latents
             hole = -torch.nn.functional.max_pool2d(-m, self.factor_ae) if concat else \
                 torch.nn.functional.interpolate(m, size=latent_size)
-            keep = 1 - hole
+            keep, x0, noise = (1 - hole).to(device), x0.to(device), noise.to(device)  # moved once, not every step
             user_callback = callback
 
             def callback(i, t, x, x0_hat):
-                known = (x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)).to(x.device)
-                return after_step(user_callback, i, t, keep.to(x.device) * known + (1 - keep.to(x.device)) * x, x0_hat)
-        device = next(self.unet.parameters()).device  # a model trained on a GPU samples there
+                known = x0 if i + 1 == len(sched) else noised(sched, sampler, x0, noise, i + 1)
+                return after_step(user_callback, i, t, keep * known + (1 - keep) * x, x0_hat)
         cond, uncond = ({k: v.to(device) for k, v in d.items()} if d else d for d in (cond, uncond))
         x = x.to(device)
         kwargs = {"eta": self.cfg.sample.eta if eta is None else eta} if sampler == "ddim" else {}
