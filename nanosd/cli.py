@@ -44,7 +44,8 @@ def cmd_generate(a):
     if a.command == "img2img":
         images = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
     elif a.command == "inpaint":
-        images = pipe.inpaint(image, open_image(a.mask), prompt, a.negative, strength=a.strength, **kw)
+        images = pipe.inpaint(image, open_image(a.mask), prompt, a.negative, strength=a.strength, overlay=a.overlay,
+                              **kw)
     else:
         images = pipe.generate(prompt, a.negative, image=image, **kw)
     name = Path(a.model).stem if Path(a.model).is_file() else Path(a.model).name
@@ -198,6 +199,9 @@ def main(argv=None):
     g.add_argument("mask", help="white = the hole to fill, black = keep")
     g.add_argument("prompt", nargs="?", help="the prompt, for text-conditioned models")
     g.add_argument("--strength", type=float, default=1.0)
+    g.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=None,
+                   help="paste the original pixels back outside the mask (A1111's overlay; default: the run's "
+                        "sample.inpaint_overlay)")
     sampling(g, image=False)
     g = sub.add_parser("upscale", help="super-resolve IMAGE (a super-resolution model)")
     g.add_argument("model", help="a run folder")

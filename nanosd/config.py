@@ -71,6 +71,7 @@ class SampleConfig:
     eta: float = 0.0
     clip_x0: bool = False  # clip the predicted x_0 to [-1, 1] while sampling (pixel models)
     inpaint_blend: bool = False  # inpainting U-Nets also blend the known latents in after each step (as others must)
+    inpaint_overlay: bool = False  # paste the original pixels back outside the mask after decoding (A1111's overlay)
     n: int = 64  # images in the grids written during training
     prompts: list[str] = field(default_factory=list)  # conditioned models: the grids' prompts (default: one per class)
 

@@ -161,17 +161,18 @@ class Pipeline:
         """SDEdit: the image noised to the step that `strength` of the schedule leaves, then denoised from there."""
         return self._sample(prompt, negative_prompt, init=image, strength=strength, **kw)
 
-    def inpaint(self, image, mask, prompt=None, negative_prompt=None, *, strength=1.0, **kw):
+    def inpaint(self, image, mask, prompt=None, negative_prompt=None, *, strength=1.0, overlay=None, **kw):
         """Fill the white part of `mask`. An inpainting U-Net (SD's 9-channel one, or one trained here) reads the
         mask and the masked image; any other model keeps the unmasked part by blending it in, noised to the
         current step, after every step (diffusers' way for a standard U-Net); sample.inpaint_blend makes an
-        inpainting U-Net blend too (A1111's way)."""
-        return self._sample(prompt, negative_prompt, init=image, mask=mask, strength=strength, **kw)
+        inpainting U-Net blend too (A1111's way). `overlay` (default: sample.inpaint_overlay) pastes the original
+        pixels back outside the mask after decoding, as A1111 does, so that they are exactly the image's."""
+        return self._sample(prompt, negative_prompt, init=image, mask=mask, strength=strength, overlay=overlay, **kw)
 
     @torch.no_grad()
     def _sample(self, prompt, negative_prompt, *, init=None, mask=None, cond_image=None, strength=1.0, steps=None,
                 sampler=None, cfg_scale=None, seed=None, height=None, width=None, batch_size=1, latents=None, eta=None,
-                clip_skip=1, callback=None, output="pil"):
+                clip_skip=1, callback=None, output="pil", overlay=None):
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         sampler = canonical(sampler or self.cfg.sample.sampler)
@@ -251,6 +252,8 @@ class Pipeline:
         if output == "latent":
             return z
         images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1).cpu()
+        if inpainting and (self.cfg.sample.inpaint_overlay if overlay is None else overlay):
+            images = m * images + (1 - m) * (pixels + 1) / 2  # the decoder's error outside the hole undone
         if output == "tensor":
             return images
         return [to_pil(im) for im in images]

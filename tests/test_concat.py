@@ -67,6 +67,10 @@ def test_concat_modes_end_to_end(tmp_path, tiny_cfg, data, concat, encoder, late
         torch.testing.assert_close(z[..., keep], known.expand_as(z)[..., keep])
         assert not torch.allclose(z[..., ~keep], known.expand_as(z)[..., ~keep])
         pipe.cfg.sample.inpaint_blend = False
+        pasted = pipe.inpaint(image, mask, prompt, batch_size=2, seed=0, output="tensor", overlay=True)
+        kept = (mask == 0).expand_as(out[0])
+        torch.testing.assert_close(pasted[:, kept], image[kept].expand(2, -1))  # A1111's overlay: the image's own
+        torch.testing.assert_close(pasted[:, ~kept], out[:, ~kept])  # and the same fill
     other = dict(kw, image=torch.rand_like(kw["image"]))
     assert not torch.allclose(out, pipe.generate(prompt, batch_size=2, seed=0, output="tensor", **other))
 
@@ -77,7 +81,8 @@ def test_concat_modes_end_to_end(tmp_path, tiny_cfg, data, concat, encoder, late
     cmd = {"inpaint": ["inpaint", str(run), str(files["image"]), str(files.get("mask"))],
            "edges": ["generate", str(run), "--image", str(files["image"])],
            "lowres": ["upscale", str(run), str(files["image"])]}[concat]
-    assert main(cmd + ([prompt] if prompt else []) + ["--n", "2", "--steps", "2", "--out", str(tmp_path / "o.png")]) == 0
+    assert main(cmd + ([prompt] if prompt else []) + ["--n", "2", "--steps", "2", "--out", str(tmp_path / "o.png")]
+                + (["--overlay"] if concat == "inpaint" else [])) == 0
     assert Image.open(tmp_path / "o.png").size[0] > 8
     scores = evaluate_concat(run, n=6, batch=4)
     assert set(scores) == {"inpaint": {"kept_mae", "autoencoder_kept_mae", "hole_mae"}, "edges": {"edge_f1"},
