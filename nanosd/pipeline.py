@@ -161,13 +161,13 @@ class Pipeline:
         """SDEdit: the image noised to the step that `strength` of the schedule leaves, then denoised from there."""
         return self._sample(prompt, negative_prompt, init=image, strength=strength, **kw)
 
-    def inpaint(self, image, mask, prompt=None, negative_prompt=None, *, strength=1.0, overlay=None, **kw):
+    def inpaint(self, image, mask, prompt=None, negative_prompt=None, *, strength=1.0, **kw):
         """Fill the white part of `mask`. An inpainting U-Net (SD's 9-channel one, or one trained here) reads the
         mask and the masked image; any other model keeps the unmasked part by blending it in, noised to the
         current step, after every step (diffusers' way for a standard U-Net); sample.inpaint_blend makes an
-        inpainting U-Net blend too (A1111's way). `overlay` (default: sample.inpaint_overlay) pastes the original
+        inpainting U-Net blend too (A1111's way). `overlay=` (default: sample.inpaint_overlay) pastes the original
         pixels back outside the mask after decoding, as A1111 does, so that they are exactly the image's."""
-        return self._sample(prompt, negative_prompt, init=image, mask=mask, strength=strength, overlay=overlay, **kw)
+        return self._sample(prompt, negative_prompt, init=image, mask=mask, strength=strength, **kw)
 
     @torch.no_grad()
     def _sample(self, prompt, negative_prompt, *, init=None, mask=None, cond_image=None, strength=1.0, steps=None,
