@@ -3,6 +3,7 @@
     python benchmarks/speed.py configs/mnist-pixel.toml [--steps 20] [--n 64]
 """
 import argparse
+import copy
 import dataclasses
 import statistics
 import tempfile
@@ -40,7 +41,8 @@ def main():
             trainer.train_step()
             times.append(time.perf_counter() - t0)
     step = statistics.median(times[2:])
-    pipe = Pipeline(unet, schedule, cfg)
+    guided = cfg.sample.autoguidance != 1.0  # a second U-Net pass per step, through a guide of the same shape
+    pipe = Pipeline(unet, schedule, cfg, guide=copy.deepcopy(unet) if guided else None)
     pipe.generate(batch_size=2, steps=2, output="tensor")  # warm-up
     per_image = []
     for r in range(a.repeats):
@@ -50,8 +52,8 @@ def main():
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"{a.config}: {params:.2f}M-parameter U-Net, {c}x{s}x{s}, {torch.get_num_threads()} threads")
     print(f"training:  {cfg.train.batch_size / step:.1f} images/s (median of {a.steps} steps, batch {cfg.train.batch_size})")
-    print(f"sampling:  {statistics.median(per_image):.3f} s/image ({cfg.sample.sampler}, {cfg.sample.steps} steps, "
-          f"batch {a.n}, median of {a.repeats})")
+    print(f"sampling:  {statistics.median(per_image):.3f} s/image ({cfg.sample.sampler}, {cfg.sample.steps} steps"
+          f"{f', autoguidance {cfg.sample.autoguidance}' if guided else ''}, batch {a.n}, median of {a.repeats})")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def cmd_generate(a):
         except ValueError:
             raise ValueError(f"--size {a.size!r} must be WIDTHxHEIGHT, e.g. 512x512") from None
     kw = dict(batch_size=n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=a.seed, eta=a.eta,
-              clip_skip=a.clip_skip, height=height, width=width, output="tensor")
+              clip_skip=a.clip_skip, height=height, width=width, output="tensor", autoguidance=a.autoguidance)
     image = open_image(a.image) if getattr(a, "image", None) else None
     if a.command == "img2img":
         images = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
@@ -172,6 +172,8 @@ def main(argv=None):
         g.add_argument("--sampler", help="ddpm, ddim, plms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc "
                                          "(or A1111's names, e.g. 'DPM++ 2M Karras'); default: the model's")
         g.add_argument("--eta", type=float)
+        g.add_argument("--autoguidance", type=float, help="run folders trained with train.guide_at: the step away "
+                                                          "from the early weights (1: off; default: the run's)")
         g.add_argument("--seed", type=int)
         g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's, or the input image's)")
         g.add_argument("--clip-skip", type=int, default=1, help="A1111's Clip skip: 2 reads CLIP's penultimate layer")

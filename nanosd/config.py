@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995
+    guide_at: float = 0.0  # > 0: at this fraction of the budget the EMA weights are kept (guide.safetensors) for autoguidance
     steps: int = 0  # 0: no step limit (use minutes)
     minutes: float = 0.0  # wall-clock budget; 0: no time limit (use steps)
     bf16: bool = False  # bf16 autocast (slower than fp32 for small convolutions on CPU)
@@ -62,6 +63,8 @@ class TrainConfig:
     def validate(self):
         if self.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"train.lr_decay {self.lr_decay!r} is unknown: choose cosine or constant")
+        if not 0 <= self.guide_at < 1:
+            raise ValueError(f"train.guide_at {self.guide_at} must be a fraction of the budget in [0, 1) (0: no guide)")
 
 
 @dataclass
@@ -71,6 +74,7 @@ class SampleConfig:
     eta: float = 0.0
     clip_x0: bool = False  # clip the predicted x_0 to [-1, 1] while sampling (pixel models)
     inpaint_blend: bool = False  # inpainting U-Nets also blend the known latents in after each step (as others must)
+    autoguidance: float = 1.0  # w > 1: guide + w (out - guide), the run's early weights as the guide; 1: off
     inpaint_overlay: bool = False  # paste the original pixels back outside the mask after decoding (A1111's overlay)
     n: int = 64  # images in the grids written during training
     prompts: list[str] = field(default_factory=list)  # conditioned models: the grids' prompts (default: one per class)

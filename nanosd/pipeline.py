@@ -17,30 +17,32 @@ from .unet import UNet, UNetConfig
 
 class Pipeline:
     """Pixel models have no autoencoder; latent models sample z and decode x = D(z / scale_factor).
-    Conditioned models take prompts (text, or class names) and classifier-free guidance. One class for the models
-    trained here and for Stable Diffusion checkpoints."""
+    Conditioned models take prompts (text, or class names) and classifier-free guidance; unconditioned ones can
+    take autoguidance (Karras et al. 2024) from `guide`, the same U-Net's weights early in training. One class for
+    the models trained here and for Stable Diffusion checkpoints."""
 
     def __init__(self, unet: UNet, schedule: Schedule, cfg: Config, autoencoder=None, conditioner=None,
-                 precision="fp32"):
+                 precision="fp32", guide: UNet | None = None):
         self.unet, self.schedule, self.cfg = unet.eval(), schedule, cfg
+        self.guide = guide.eval() if guide is not None else None
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.conditioner = conditioner.eval() if conditioner is not None else None
         if precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
         if precision == "bf16":  # weights in bf16 (half the memory, AMX matmuls); the sampler's arithmetic stays fp32
-            for m in (self.unet, self.autoencoder, self.text_encoder):
+            for m in (self.unet, self.guide, self.autoencoder, self.text_encoder):
                 if m is not None:  # oneDNN's bf16 convolutions want channels-last
                     m.to(torch.bfloat16, memory_format=torch.channels_last)
         self.progress = False  # a tqdm bar over the sampler's steps (the CLI turns it on)
         self.vae_tile = 96  # latents larger than this decode in tiles (96 = 768 px for SD)
 
     @classmethod
-    def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32"):
+    def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32", guide=None):
         """From what the trainer trains: a UNet, or a ConditionedUNet."""
         if isinstance(model, ConditionedUNet):
             return cls(model.unet, schedule, cfg, autoencoder, model.conditioner, precision)
-        return cls(model, schedule, cfg, autoencoder, precision=precision)
+        return cls(model, schedule, cfg, autoencoder, precision=precision, guide=guide)
 
     # diffusers' names for the parts
     vae = property(lambda self: self.autoencoder)
@@ -58,23 +60,31 @@ class Pipeline:
         p = self.cfg.sample.prompts
         return [p[i * len(p) // n] for i in range(n)] if self.conditioner and self.conditioner.prompted and p else None
 
-    def denoiser(self, cond=None, uncond=None, scale=1.0):
+    def denoiser(self, cond=None, uncond=None, scale=1.0, autoguidance=1.0):
         """model(x, t) -> eps, whatever the U-Net was trained to predict. With a condition and scale != 1,
         classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond), both in one batch [uncond; cond]
         as diffusers runs it (eps, v and x_0 are linear in each other at fixed x_t, so guiding the raw output is
-        guiding eps). With sample.clip_x0 (pixel models), the predicted x_0 is clipped to [-1, 1]."""
+        guiding eps). Autoguidance is the same step away from a weaker model: out = guide + w (out - guide).
+        With sample.clip_x0 (pixel models), the predicted x_0 is clipped to [-1, 1]."""
         pred, s = self.cfg.diffusion.prediction, self.schedule
         guided = cond is not None and scale != 1.0
         if guided:
             cond = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
 
+        def unet(x, t, **c):
+            out = self.unet(x, t, **c).float()
+            if autoguidance == 1.0:
+                return out
+            weak = self.guide(x, t, **c).float()
+            return weak + autoguidance * (out - weak)
+
         def model(x, t):
             t = t.reshape(1).expand(x.shape[0])
             if guided:
-                u, c = self.unet(torch.cat([x, x]), torch.cat([t, t]), **cond).float().chunk(2)
+                u, c = unet(torch.cat([x, x]), torch.cat([t, t]), **cond).chunk(2)
                 out = u + scale * (c - u)
             else:
-                out = self.unet(x, t, **(cond or {})).float()
+                out = unet(x, t, **(cond or {}))
             if not self.cfg.sample.clip_x0:
                 return s.to_eps(pred, out, x, t)
             x0 = s.to_x0(pred, out, x, t).clamp(-1, 1)
@@ -144,13 +154,14 @@ class Pipeline:
 
     def generate(self, prompt=None, negative_prompt=None, *, steps=None, sampler=None, cfg_scale=None, seed=None,
                  height=None, width=None, batch_size=1, latents=None, eta=None, clip_skip=1, image=None, mask=None,
-                 callback=None, output="pil"):
+                 callback=None, output="pil", autoguidance=None):
         """batch_size images (one per prompt when prompt is a list) from one seeded generator, consumed in the
         order diffusers consumes it. DDPM defaults to every timestep of the schedule; cfg_scale defaults to the
         run's. `image` (and `mask`) are the spatial condition of models that concatenate one: the image to inpaint
-        and its mask, an edge map, or the low-resolution image to upscale."""
+        and its mask, an edge map, or the low-resolution image to upscale. autoguidance defaults to the run's."""
         kw = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, height=height, width=width,
-                  batch_size=batch_size, latents=latents, eta=eta, clip_skip=clip_skip, callback=callback, output=output)
+                  batch_size=batch_size, latents=latents, eta=eta, clip_skip=clip_skip, callback=callback, output=output,
+                  autoguidance=autoguidance)
         if self.conditioner and self.conditioner.cfg.concat == "inpaint":
             if image is None or mask is None:
                 raise ValueError("this model is conditioned on an image and a mask: give an image and a mask")
@@ -172,7 +183,7 @@ class Pipeline:
     @torch.no_grad()
     def _sample(self, prompt, negative_prompt, *, init=None, mask=None, cond_image=None, strength=1.0, steps=None,
                 sampler=None, cfg_scale=None, seed=None, height=None, width=None, batch_size=1, latents=None, eta=None,
-                clip_skip=1, callback=None, output="pil", overlay=None):
+                clip_skip=1, callback=None, output="pil", overlay=None, autoguidance=None):
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         sampler = canonical(sampler or self.cfg.sample.sampler)
@@ -182,6 +193,10 @@ class Pipeline:
         cond, uncond, n = self.conditions(prompt, negative_prompt, batch_size, clip_skip)
         prompted = self.conditioner is not None and self.conditioner.prompted
         scale = (self.cfg.condition.guidance if cfg_scale is None else cfg_scale) if prompted else 1.0
+        autoguidance = self.cfg.sample.autoguidance if autoguidance is None else autoguidance
+        if autoguidance != 1.0 and self.guide is None:
+            raise ValueError(f"autoguidance {autoguidance} needs the run's guide.safetensors, which this model lacks: "
+                             f"train an unconditioned model with train.guide_at > 0, or use autoguidance 1 (off)")
         concat = self.conditioner.cfg.concat if self.conditioner else ""
         if concat == "inpaint" and init is None:
             raise ValueError("this is an inpainting model: give an image and a mask (inpaint)")
@@ -200,6 +215,7 @@ class Pipeline:
         latent_size = (size[0] // self.factor_ae, size[1] // self.factor_ae)
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
         self.last = {"Steps": steps, "Sampler": A1111_OF.get(sampler, sampler), **({"CFG scale": scale} if prompted else {}),
+                     **({"Autoguidance": autoguidance} if autoguidance != 1.0 else {}),
                      "Seed": seed, **({"Clip skip": clip_skip} if clip_skip != 1 else {}),
                      **({"Denoising strength": strength} if init is not None and strength < 1 else {})}
         g = torch.Generator().manual_seed(seed)
@@ -247,7 +263,7 @@ class Pipeline:
                 bar.refresh()
                 return out
 
-            z = get_sampler(sampler)(self.denoiser(cond, uncond, scale), x, sched, generator=g, callback=progress,
+            z = get_sampler(sampler)(self.denoiser(cond, uncond, scale, autoguidance), x, sched, generator=g, callback=progress,
                                      **kwargs)
         if output == "latent":
             return z
@@ -441,7 +457,16 @@ def load_run(path: Path, precision="fp32") -> Pipeline:
     if ae is not None and ae.cfg.z_channels != cfg.unet.in_channels:
         raise ValueError(f"latent model {path}: its autoencoder {path / 'autoencoder'} makes {ae.cfg.z_channels}-channel "
                          f"latents but the U-Net reads {cfg.unet.in_channels}")
-    return Pipeline.of(model, schedule, cfg, ae, precision)
+    return Pipeline.of(model, schedule, cfg, ae, precision, load_guide(path, cfg))
+
+
+def load_guide(run: Path, cfg: Config) -> UNet | None:
+    """Autoguidance's weaker model: the run's early EMA weights (train.guide_at), for unconditioned models."""
+    if cfg.condition or not (run / "guide.safetensors").is_file():
+        return None
+    guide = UNet(cfg.unet)
+    load_into(guide, load_tensors(run / "guide.safetensors"), f"{run / 'guide.safetensors'}")
+    return guide
 
 
 def sd_config(unet_cfg, vae_cfg, text_cfg, scheduler: dict, scale_factor=0.18215, size=512) -> Config:

@@ -36,6 +36,7 @@ from .unet import UNet
 
 STATE = "train_state.safetensors"
 WEIGHTS = "model.safetensors"
+GUIDE = "guide.safetensors"  # the EMA weights early in the run: the weaker model of autoguidance
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 
@@ -228,6 +229,8 @@ class Trainer:
                     raise FloatingPointError(f"loss is {terms['loss']} at step {self.step}: lower train.lr")
                 self.elapsed += time.perf_counter() - t0
                 self.sync_clock()
+                if c.guide_at and lead and self.progress() >= c.guide_at and not (self.run_dir / GUIDE).exists():
+                    save_tensors(self.ema.state_dict(), self.run_dir / GUIDE, metadata={"step": str(self.step)})
                 losses.append(terms)
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.done():
@@ -357,7 +360,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     """Train (or resume) the recipe `cfg` in `run_dir`. With cfg None, resume the run folder's own config.
     A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
     same wall-clock budget, then the U-Net on the cached, scaled latents."""
-    from .pipeline import Pipeline, condition_rows, load_autoencoder, save_grid
+    from .pipeline import Pipeline, condition_rows, load_autoencoder, load_guide, save_grid
 
     run_dir = Path(run_dir)
     cfg = _open_run(copy.deepcopy(cfg), run_dir, minutes, steps)  # the caller's config stays as it was
@@ -429,12 +432,15 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
                               weighting=cfg.diffusion.loss_weighting)
 
     def evaluate(step, ema):
-        pipe, nrow = Pipeline.of(ema, schedule, cfg, ae), None
+        guide = load_guide(run_dir, cfg)  # once it is written, the grids show autoguidance as generate does
+        guide = guide.to(next(ema.parameters()).device) if guide else None
+        pipe, nrow = Pipeline.of(ema, schedule, cfg, ae, guide=guide), None
         if conditioner and cfg.condition.concat:  # rows: condition, sample, original
             pixels = (data.images if data.pixels is None else data.pixels)[data.spread_index(8)]
             images, nrow = condition_rows(pipe, pixels, pipe.grid_prompts(len(pixels))), len(pixels)
         else:
-            images = pipe.generate(pipe.grid_prompts(cfg.sample.n), batch_size=cfg.sample.n, seed=0, output="tensor")
+            images = pipe.generate(pipe.grid_prompts(cfg.sample.n), batch_size=cfg.sample.n, seed=0, output="tensor",
+                                   autoguidance=None if guide else 1.0)
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow)
         save_grid(images, run_dir / "samples.png", nrow=nrow)
 
