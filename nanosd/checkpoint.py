@@ -63,6 +63,7 @@ def load_into(module: torch.nn.Module, tensors: dict, what: str, assign=False, d
 # --- Stable Diffusion v1 checkpoints: the original single-file layout and diffusers folders ---
 # Our modules carry the original names, so the single file needs only these prefixes; diffusers renames modules,
 # and `diffusers_names` spells that renaming out once, used both ways.
+GUIDE = "guide.safetensors"  # a run's EMA weights early in training: the weaker model of autoguidance
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.transformer.text_model."}
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from .checkpoint import PREFIXES, load_into, load_tensors
+from .checkpoint import GUIDE, PREFIXES, load_into, load_tensors
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config, load_config
 from .samplers import A1111_OF, after_step, canonical, get_sampler, make_steps, noised, start
@@ -462,10 +462,10 @@ def load_run(path: Path, precision="fp32") -> Pipeline:
 
 def load_guide(run: Path, cfg: Config) -> UNet | None:
     """Autoguidance's weaker model: the run's early EMA weights (train.guide_at), for unconditioned models."""
-    if cfg.condition or not (run / "guide.safetensors").is_file():
+    if cfg.condition or not (run / GUIDE).is_file():
         return None
     guide = UNet(cfg.unet)
-    load_into(guide, load_tensors(run / "guide.safetensors"), f"{run / 'guide.safetensors'}")
+    load_into(guide, load_tensors(run / GUIDE), f"{run / GUIDE}")
     return guide
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import atomic_path, load_tensors, save_tensors
+from .checkpoint import GUIDE, atomic_path, load_tensors, save_tensors
 from .condition import ConditionedUNet, Conditioner, bind_conditioner
 from .config import Config, TrainConfig, dump_config, load_config
 from .data import ImageSet, cache_dir, load_dataset
@@ -36,7 +36,6 @@ from .unet import UNet
 
 STATE = "train_state.safetensors"
 WEIGHTS = "model.safetensors"
-GUIDE = "guide.safetensors"  # the EMA weights early in the run: the weaker model of autoguidance
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 
@@ -221,6 +220,7 @@ class Trainer:
         log = open(self.run_dir / METRICS, "a") if lead else open(os.devnull, "w")
         old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C
         losses, t_log = [], time.perf_counter()
+        guide_due = c.guide_at and lead and not (self.run_dir / GUIDE).exists()  # written once, kept on resume
         try:
             while not self.done():
                 t0 = time.perf_counter()
@@ -229,8 +229,9 @@ class Trainer:
                     raise FloatingPointError(f"loss is {terms['loss']} at step {self.step}: lower train.lr")
                 self.elapsed += time.perf_counter() - t0
                 self.sync_clock()
-                if c.guide_at and lead and self.progress() >= c.guide_at and not (self.run_dir / GUIDE).exists():
+                if guide_due and self.progress() >= c.guide_at:
                     save_tensors(self.ema.state_dict(), self.run_dir / GUIDE, metadata={"step": str(self.step)})
+                    guide_due = False
                 losses.append(terms)
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.done():
@@ -431,9 +432,12 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
         return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
                               weighting=cfg.diffusion.loss_weighting)
 
+    guides = []  # read once it is written: from then on the grids show autoguidance as generate does
+
     def evaluate(step, ema):
-        guide = load_guide(run_dir, cfg)  # once it is written, the grids show autoguidance as generate does
-        guide = guide.to(next(ema.parameters()).device) if guide else None
+        if not guides and (guide := load_guide(run_dir, cfg)):
+            guides.append(guide.to(next(ema.parameters()).device))
+        guide = guides[0] if guides else None
         pipe, nrow = Pipeline.of(ema, schedule, cfg, ae, guide=guide), None
         if conditioner and cfg.condition.concat:  # rows: condition, sample, original
             pixels = (data.images if data.pixels is None else data.pixels)[data.spread_index(8)]
