@@ -4,7 +4,10 @@ PY ?= python3
 RUN ?= runs/mnist-text
 MINUTES ?= 10
 
-.PHONY: install demo test bench browser
+EMOJI_MINUTES ?= 60
+PVL_MINUTES ?= 15
+
+.PHONY: install demo test bench browser figures
 
 install:
 	$(PY) -m pip install -q -e '.[test]'
@@ -23,3 +26,17 @@ browser:  # Debian's chromium, for the web page's end-to-end test (root, as on t
 
 bench: install
 	$(PY) benchmarks/speed.py configs/mnist-pixel.toml
+
+# `make figures`: the README's pictures under docs/, each from a real run made here (the README gives the minutes
+# and the machine of the committed ones): the text recipe's grid and its figures, the emoji grid, pixel vs latent
+figures: install
+	nanosd train configs/mnist-text.toml --out runs/fig-text --minutes $(MINUTES)
+	nanosd generate runs/fig-text --prompts configs/mnist-text-prompts.txt --n 8 --seed 0 --out docs/mnist-text-grid.png
+	nanosd explain attention runs/fig-text "a handwritten 7" --out docs/attention.png
+	nanosd explain reverse runs/fig-text "a handwritten 3" --out docs/reverse.png
+	nanosd explain latent runs/fig-text --out docs/latent.png
+	nanosd explain forward --out docs/forward.png
+	nanosd train configs/emoji-text.toml --out runs/fig-emoji --minutes $(EMOJI_MINUTES)
+	nanosd generate runs/fig-emoji --prompts configs/emoji-text-prompts.txt --n 8 --seed 0 --out docs/emoji-grid.png
+	$(PY) benchmarks/pixel_vs_latent.py --minutes $(PVL_MINUTES) --n 1000 --out runs/fig-pvl
+	cp runs/fig-pvl/pixel_vs_latent.png docs/pixel-vs-latent.png

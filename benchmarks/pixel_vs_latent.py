@@ -17,7 +17,7 @@ import torch
 from nanosd.config import load_config
 from nanosd.fid import evaluate_run
 from nanosd.pipeline import load
-from nanosd.train import train
+from nanosd.recipes import train
 
 
 def sampling_seconds_per_image(run, n=64, repeats=3):

@@ -53,7 +53,7 @@ def child(a):
         unet = lambda x, t, ctx: pipe.unet(x, t, context=ctx)
         decode = lambda z: pipe.decode(z)
         image = lambda steps: pipe.generate(PROMPT, steps=steps, sampler="dpmpp_2m", cfg_scale=7.5, seed=0,
-                                            height=a.size, width=a.size, output="tensor")
+                                            height=a.size, width=a.size, output="tensor").images
     else:
         import diffusers
 

@@ -15,7 +15,8 @@ from nanosd.config import load_config
 from nanosd.data import ImageSet
 from nanosd.pipeline import Pipeline
 from nanosd.schedule import Schedule
-from nanosd.train import Trainer, diffusion_loss
+from nanosd.recipes import diffusion_loss
+from nanosd.train import Trainer
 from nanosd.unet import UNet
 
 

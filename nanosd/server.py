@@ -7,6 +7,7 @@ from a waiting API call cancels its job). Input is checked at the edge: every ba
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import itertools
 import json
@@ -19,12 +20,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from .pipeline import Pipeline, infotext, png_info, to_pil
-from .samplers import A1111_NAMES, A1111_OF, SAMPLERS, canonical
-
-# SD v1's latents -> RGB, a linear map good enough for a preview (the VAE at 512 px costs seconds)
-LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
-                           [-0.2120, -0.2616, -0.7177]])
+from .images import png_info, to_pil
+from .pipeline import Pipeline
+from .request import Request
+from .samplers import SAMPLERS, sampler
 
 
 @dataclass
@@ -82,8 +81,7 @@ class Job:
     images: list = field(default_factory=list)  # (png bytes, infotext)
     error: str = ""
     cancel: bool = False
-    args: dict = field(default_factory=dict)  # the pipeline call, as checked
-    seed: int = -1  # the seed used (drawn when the request said -1)
+    resolved: Request | None = None  # the pipeline's request, as checked (the seed drawn when it said -1)
 
 
 class Server:
@@ -96,18 +94,19 @@ class Server:
         self.finished: deque = deque(maxlen=1024)  # job ids in the order they ended
         self.ids, self.gallery_ids = itertools.count(1), itertools.count(1)
         self.wake = threading.Condition()
-        self.factor = (pipe.autoencoder.cfg.factor if pipe.autoencoder else 1) * pipe.cfg.unet.factor
         self.min_side = min(64, pipe.cfg.data.size)
         threading.Thread(target=self.worker, daemon=True).start()
 
     # --- checking requests at the edge ---
-    def check(self, r: Txt2Img, kind: str) -> dict:
-        lim = self.limits
+    def check(self, r: Txt2Img, kind: str) -> Request:
+        """The service's limits, then the pipeline's own validation of the request (the same as the API's and the
+        CLI's); anything refused is a 400 naming the field."""
+        lim, f = self.limits, self.pipe.factor
         size = self.pipe.cfg.data.size
         w, h = (size if v is None else v for v in (r.width, r.height))
         for name, side in (("width", w), ("height", h)):
-            if not self.min_side <= side <= lim.max_side or side % self.factor:
-                raise Refused(f"{name} {side} must be a multiple of {self.factor} from {self.min_side} to {lim.max_side}")
+            if not self.min_side <= side <= lim.max_side or side % f:
+                raise Refused(f"{name} {side} must be a multiple of {f} from {self.min_side} to {lim.max_side}")
         if not 1 <= r.steps <= lim.max_steps:
             raise Refused(f"steps {r.steps} must be from 1 to {lim.max_steps}")
         if not 0 <= r.cfg_scale <= lim.max_cfg:
@@ -116,27 +115,19 @@ class Server:
             raise Refused(f"batch_size x n_iter must be from 1 to {lim.max_batch}")
         if not 1 <= r.clip_skip <= 4:
             raise Refused(f"clip_skip {r.clip_skip} must be from 1 to 4")
-        try:
-            sampler = canonical(r.sampler_name) if r.sampler_name else None
-        except ValueError as e:
-            raise Refused(str(e)) from None
-        prompted = self.pipe.conditioner is not None and self.pipe.conditioner.prompted
-        if prompted and not r.prompt.strip():
-            raise Refused("this model needs a prompt")
-        if not prompted and r.prompt.strip():
-            raise Refused("this model takes no prompt")
-        args = {"steps": r.steps, "sampler": sampler, "cfg_scale": r.cfg_scale, "height": h, "width": w,
-                "clip_skip": r.clip_skip, "eta": r.eta}
+        request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps, sampler=r.sampler_name,
+                          cfg_scale=r.cfg_scale, seed=r.seed if r.seed >= 0 else None, height=h, width=w,
+                          batch_size=r.batch_size, eta=r.eta, clip_skip=r.clip_skip, output="tensor")
         if kind == "img2img":
             image = self.decode_image(r.init_images[0], "init image")
-            if image.size != (w, h):
-                image = image.convert("RGB").resize((w, h), Image.LANCZOS)
-            if not 0 < r.denoising_strength <= 1:
-                raise Refused(f"denoising_strength {r.denoising_strength} must be in (0, 1]")
-            args.update(image=image, strength=r.denoising_strength)
+            request.init = image if image.size == (w, h) else image.convert("RGB").resize((w, h), Image.LANCZOS)
+            request.strength = r.denoising_strength
             if r.mask:
-                args["mask"] = self.decode_image(r.mask, "mask").convert("L").resize((w, h), Image.NEAREST)
-        return args
+                request.mask = self.decode_image(r.mask, "mask").convert("L").resize((w, h), Image.NEAREST)
+        try:
+            return request.resolve(self.pipe)
+        except ValueError as e:
+            raise Refused(str(e)) from None
 
     def decode_image(self, data: str, what: str) -> Image.Image:
         if "," in data[:100] and data.startswith("data:"):  # a data URL, as browsers and A1111 clients send
@@ -159,11 +150,11 @@ class Server:
 
     # --- the queue ---
     def submit(self, request: Txt2Img, kind: str) -> Job:
-        args = self.check(request, kind)
+        resolved = self.check(request, kind)
         with self.wake:
             if len(self.queue) >= self.limits.max_queue:
                 raise Refused(f"the queue is full ({self.limits.max_queue} waiting): try again later")
-            job = Job(next(self.ids), request, kind, total=request.steps * request.n_iter, args=args)
+            job = Job(next(self.ids), request, kind, total=request.steps * request.n_iter, resolved=resolved)
             self.jobs[job.id] = job
             self.queue.append(job)
             self.wake.notify()
@@ -198,24 +189,12 @@ class Server:
 
     def run(self, job: Job):
         job.state = "running"
-        r, args = job.request, dict(job.args)
-        seed = job.seed = r.seed if r.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
-        mask = args.pop("mask", None)
+        r = job.resolved
         try:
-            for it in range(r.n_iter):
-                call = dict(args, seed=seed + it * r.batch_size, batch_size=r.batch_size, output="tensor",
-                            callback=self.progress(job, it))
-                prompt = r.prompt or None
-                if job.kind == "img2img":
-                    image, strength = call.pop("image"), call.pop("strength")
-                    if mask is not None:
-                        out = self.pipe.inpaint(image, mask, prompt, r.negative_prompt or None, strength=strength, **call)
-                    else:
-                        out = self.pipe.img2img(image, prompt, r.negative_prompt or None, strength=strength, **call)
-                else:
-                    out = self.pipe.generate(prompt, r.negative_prompt or None, **call)
-                for i, im in enumerate(out):
-                    info = f"{infotext(self.pipe, im.shape[-2:], self.model, i)}"
+            for it in range(job.request.n_iter):  # A1111's seeds: the next batch starts batch_size further on
+                made = self.pipe(dataclasses.replace(r, seed=r.seed + it * r.batch_size), self.progress(job, it))
+                for i, im in enumerate(made.images):
+                    info = made.infotext(i, self.model)
                     buf = io.BytesIO()
                     to_pil(im).save(buf, format="PNG", pnginfo=png_info(info))
                     job.images.append((buf.getvalue(), info))
@@ -239,18 +218,9 @@ class Server:
         return callback
 
     def preview(self, z: torch.Tensor) -> bytes:
-        """The predicted x_0 as a small PNG: decoded by the autoencoder for small models, by SD's linear
-        latent-to-RGB map for SD-sized ones."""
-        with torch.no_grad():
-            if self.pipe.autoencoder is None:
-                image = (z.float().cpu() / 2 + 0.5).clamp(0, 1)
-            elif z.shape[-1] > 32 and z.shape[0] == 4:
-                z = z.float().cpu() / self.pipe.cfg.diffusion.scale_factor
-                image = ((torch.einsum("chw,cr->rhw", z, LATENT_RGB) + 1) / 2).clamp(0, 1)
-            else:
-                image = (self.pipe.decode(z[None].float())[0].float().cpu() / 2 + 0.5).clamp(0, 1)
+        """The predicted x_0 as a small PNG, as cheaply as the model allows (Pipeline.preview)."""
         buf = io.BytesIO()
-        to_pil(image).save(buf, format="PNG")
+        to_pil(self.pipe.preview(z)).save(buf, format="PNG")
         return buf.getvalue()
 
     def status(self, job: Job) -> dict:
@@ -319,13 +289,12 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
         return job
 
     def a1111_response(job: Job) -> dict:
-        r = job.request
+        r, done = job.request, job.resolved
         infos = [info for _, info in job.images]
-        info = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": job.seed,
-                "all_seeds": [job.seed + i // r.batch_size * r.batch_size for i in range(len(infos))],  # one per batch
-                "sampler_name": A1111_OF.get(
-                    canonical(r.sampler_name or pipe.cfg.sample.sampler)), "steps": r.steps, "cfg_scale": r.cfg_scale,
-                "width": job.args["width"], "height": job.args["height"], "infotexts": infos}
+        info = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": done.seed,
+                "all_seeds": [done.seed + i // r.batch_size * r.batch_size for i in range(len(infos))],  # one per batch
+                "sampler_name": done.sampler.a1111, "steps": r.steps, "cfg_scale": r.cfg_scale,
+                "width": done.width, "height": done.height, "infotexts": infos}
         return {"images": [_b64(png) for png, _ in job.images], "parameters": r.model_dump(exclude={"init_images", "mask"}),
                 "info": json.dumps(info)}
 
@@ -339,8 +308,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
     @app.get("/sdapi/v1/samplers")
     async def samplers():
-        return [{"name": a1111, "aliases": [ours], "options": {}} for a1111, ours in A1111_NAMES.items()
-                if ours in SAMPLERS]
+        return [{"name": s.a1111, "aliases": [s.name], "options": {}} for s in SAMPLERS.values()]
 
     @app.get("/sdapi/v1/progress")
     async def progress():
@@ -403,10 +371,9 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
     @app.get("/api/model")
     async def model_info():
-        c = pipe.conditioner
-        return {"model": model, "size": pipe.cfg.data.size, "factor": server.factor, "min_side": server.min_side,
-                "max_side": server.limits.max_side, "prompted": bool(c and c.prompted),
-                "sampler": A1111_OF.get(canonical(pipe.cfg.sample.sampler)), "steps": pipe.cfg.sample.steps,
+        return {"model": model, "size": pipe.cfg.data.size, "factor": pipe.factor, "min_side": server.min_side,
+                "max_side": server.limits.max_side, "prompted": pipe.prompted,
+                "sampler": sampler(pipe.cfg.sample.sampler).a1111, "steps": pipe.cfg.sample.steps,
                 "cfg_scale": pipe.cfg.condition.guidance if pipe.cfg.condition else 1.0}
 
     page = (Path(__file__).parent / "index.html").read_text(encoding="utf-8")

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_path
+from .images import to_float
+from .io import atomic_path
 
 
 def write_shards(data, out, shard_size=1000, latents=None, autoencoder_key=None, size=None):
@@ -136,11 +137,9 @@ class ShardSet:
     def _image(self, i):
         if self.scale is not None:
             return torch.from_numpy(np.load(io.BytesIO(self._read(i, "latent.npy")), allow_pickle=False)) * self.scale
-        from .data import _to_float
-
         a = np.asarray(Image.open(io.BytesIO(self._read(i, "png"))))
         a = a[..., None] if a.ndim == 2 else a
-        return _to_float(torch.from_numpy(a)[None], self.size or a.shape[0])[0]
+        return to_float(torch.from_numpy(a)[None], self.size or a.shape[0])[0]
 
     def take(self, idx) -> dict:
         idx = [int(i) for i in idx]

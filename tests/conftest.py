@@ -40,3 +40,12 @@ def tiny_cfg():
 def tiny_data():
     g = torch.Generator().manual_seed(0)
     return ImageSet(torch.rand(32, 1, 8, 8, generator=g) * 2 - 1, torch.arange(32) % 10, [str(i) for i in range(10)])
+
+
+def assert_near(a, b, rel):
+    """a equals b to within `rel` of the larger magnitude compared. For two sides computed through different batch
+    shapes or kernels: GEMM blocking (and so the order of a sum) changes with the batch and with the CPU (AVX2,
+    AVX-512, AMX), so an absolute 1e-6 that holds on one CPU fails on another; a relative bound holds on all."""
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-12)
+    err = (a - b).abs().max().item()
+    assert err <= rel * scale, f"largest difference {err:.3g} is over {rel:g} of the magnitude {scale:.3g}"

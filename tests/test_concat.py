@@ -8,7 +8,7 @@ from nanosd.cli import main
 from nanosd.condition import ConditionConfig, edge_map, random_masks
 from nanosd.data import ImageSet
 from nanosd.metrics import evaluate_concat
-from nanosd.train import train
+from nanosd.recipes import train
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def data(monkeypatch):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1
     ds = ImageSet(images, torch.arange(32) % 2, ["cat", "dog"], [[c] for c in ["cat", "dog"] * 16])
-    for module in ("nanosd.train", "nanosd.metrics"):
+    for module in ("nanosd.recipes", "nanosd.metrics"):
         monkeypatch.setattr(f"{module}.load_dataset", lambda *a, **k: ds)
     return ds
 
@@ -55,11 +55,11 @@ def test_concat_modes_end_to_end(tmp_path, tiny_cfg, data, concat, encoder, late
     mask[:, 2:6, 2:6] = 1
     kw = {"inpaint": {"image": image, "mask": mask}, "edges": {"image": (image > 0.5).float()},
           "lowres": {"image": small}}[concat]
-    out = pipe.generate(prompt, batch_size=2, seed=0, output="tensor", **kw)
+    out = pipe.generate(prompt, batch_size=2, seed=0, output="tensor", **kw).images
     assert out.shape == (2, 1, 8, 8)
     if concat == "inpaint":  # blended after each step, the latent cells wholly outside the hole stay as encoded
         pipe.cfg.sample.inpaint_blend = True
-        z = pipe.generate(prompt, batch_size=2, seed=0, output="latent", **kw)
+        z = pipe.generate(prompt, batch_size=2, seed=0, output="latent", **kw).images
         known = pipe.to_model_space(image[None] * 2 - 1, torch.Generator().manual_seed(0))  # the first draw
         f = pipe.factor_ae
         keep = torch.ones(8 // f, 8 // f, dtype=torch.bool)
@@ -67,12 +67,12 @@ def test_concat_modes_end_to_end(tmp_path, tiny_cfg, data, concat, encoder, late
         torch.testing.assert_close(z[..., keep], known.expand_as(z)[..., keep])
         assert not torch.allclose(z[..., ~keep], known.expand_as(z)[..., ~keep])
         pipe.cfg.sample.inpaint_blend = False
-        pasted = pipe.inpaint(image, mask, prompt, batch_size=2, seed=0, output="tensor", overlay=True)
+        pasted = pipe.inpaint(image, mask, prompt, batch_size=2, seed=0, output="tensor", overlay=True).images
         kept = (mask == 0).expand_as(out[0])
         torch.testing.assert_close(pasted[:, kept], image[kept].expand(2, -1))  # A1111's overlay: the image's own
         torch.testing.assert_close(pasted[:, ~kept], out[:, ~kept])  # and the same fill
     other = dict(kw, image=torch.rand_like(kw["image"]))
-    assert not torch.allclose(out, pipe.generate(prompt, batch_size=2, seed=0, output="tensor", **other))
+    assert not torch.allclose(out, pipe.generate(prompt, batch_size=2, seed=0, output="tensor", **other).images)
 
     files = {}
     for name, t in kw.items():

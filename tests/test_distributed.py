@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanosd.checkpoint import load_tensors
+from nanosd.io import load_tensors
 
 CONFIG = """
 [data]
@@ -138,7 +138,7 @@ def test_shards_written_from_a_folder_read_back_by_two_ranks_and_resumed(tmp_pat
 
 def test_latents_stored_in_shards_replace_encoding(tmp_path, recipe, monkeypatch):
     from nanosd.cli import main
-    import nanosd.train as train_module
+    import nanosd.recipes as train_module
 
     folder = recipe.parent / "images"
     latent_cfg = tmp_path / "latent.toml"

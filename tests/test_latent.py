@@ -6,7 +6,7 @@ from nanosd import load
 from nanosd.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderLoss, DiagonalGaussian, psnr, ssim
 from nanosd.cli import main
 from nanosd.config import load_config
-from nanosd.train import encode_dataset, train
+from nanosd.recipes import encode_dataset, train
 
 from test_train import image_folder  # noqa: F401  (fixture)
 
@@ -85,8 +85,8 @@ def test_tiny_autoencoder_then_latent_diffusion_end_to_end(tmp_path, latent_cfg,
     assert (run / "autoencoder" / "model.safetensors").exists() and (run / "autoencoder" / "reconstructions.png").exists()
     pipe = load(run)
     assert pipe.autoencoder is not None and pipe.cfg.unet.in_channels == 3
-    assert pipe.generate(batch_size=2, seed=0, output="latent").shape == (2, 3, 4, 4)
-    assert pipe.generate(batch_size=2, seed=0, output="tensor").shape == (2, 1, 8, 8)
+    assert pipe.generate(batch_size=2, seed=0, output="latent").images.shape == (2, 3, 4, 4)
+    assert pipe.generate(batch_size=2, seed=0, output="tensor").images.shape == (2, 1, 8, 8)
     # the latent cache round trip, and the scale factor
     from nanosd.data import load_dataset
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nanosd.samplers import SAMPLERS, canonical, get_sampler, make_steps, start
+from nanosd.samplers import SAMPLERS, sampler
 from nanosd.schedule import Schedule
 
 S = 0.5  # data standard deviation
@@ -24,8 +24,9 @@ def sd_schedule():
 
 
 def run(name, s, n, x, seed=1):
-    steps = make_steps(s, name, n)
-    return get_sampler(name)(gaussian_eps(s), start(steps, name, x), steps, generator=torch.Generator().manual_seed(seed))
+    spec = sampler(name)
+    steps = spec.steps(s, n)
+    return spec(gaussian_eps(s), spec.start(steps, x), steps, generator=torch.Generator().manual_seed(seed))
 
 
 # DDPM with skipped steps and the posterior variance loses Var[x_0 | x_t]: its spread is a little low
@@ -43,8 +44,8 @@ def test_samples_have_the_data_distribution(name, n, rel):
 def test_ddim_eta_1_is_stochastic_and_eta_0_is_not():
     s = Schedule("linear")
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    steps = make_steps(s, "ddim", 20)
-    a, b = (get_sampler("ddim")(gaussian_eps(s), x, steps, eta=1.0, generator=torch.Generator().manual_seed(k))
+    steps = sampler("ddim").steps(s, 20)
+    a, b = (sampler("ddim")(gaussian_eps(s), x, steps, eta=1.0, generator=torch.Generator().manual_seed(k))
             for k in (1, 2))
     assert not torch.equal(a, b)
     assert torch.equal(run("ddim", s, 20, x, 1), run("ddim", s, 20, x, 2))
@@ -55,8 +56,8 @@ def test_ddim_eta_1_is_stochastic_and_eta_0_is_not():
 def test_callback_sees_every_step_and_can_replace_x():
     s = Schedule("linear")
     seen = []
-    steps = make_steps(s, "ddim", 7)
-    out = get_sampler("ddim")(gaussian_eps(s), torch.randn(4), steps,
+    steps = sampler("ddim").steps(s, 7)
+    out = sampler("ddim")(gaussian_eps(s), torch.randn(4), steps,
                               callback=lambda i, t, x, x0: seen.append((i, int(t))) or torch.zeros(4))
     assert [i for i, _ in seen] == list(range(7)) and seen[0][1] > seen[-1][1]
     assert torch.equal(out, torch.zeros(4))
@@ -64,16 +65,16 @@ def test_callback_sees_every_step_and_can_replace_x():
 
 def test_step_spacings_and_names():
     s = sd_schedule()
-    lead = make_steps(s, "ddim", 50)
+    lead = sampler("ddim").steps(s, 50)
     assert lead.t[0].item() == 981 and lead.t[-1].item() == 1 and len(lead) == 50
     assert lead.ab[-1].item() == s.alphas_cumprod[0].item()  # set_alpha_to_one = False
-    assert make_steps(s, "euler", 10).sigma[0].item() == pytest.approx(14.6146, abs=1e-4)
-    assert make_steps(s, "DPM++ 2M Karras", 10).t.tolist() == [999, 916, 815, 687, 523, 327, 146, 41, 7, 0]
-    assert canonical("Euler a") == "euler_a"
+    assert sampler("euler").steps(s, 10).sigma[0].item() == pytest.approx(14.6146, abs=1e-4)
+    assert sampler("DPM++ 2M Karras").steps(s, 10).t.tolist() == [999, 916, 815, 687, 523, 327, 146, 41, 7, 0]
+    assert sampler("Euler a").name == "euler_a"
     with pytest.raises(ValueError, match="steps must be between"):
-        make_steps(s, "ddim", 0)
+        sampler("ddim").steps(s, 0)
     with pytest.raises(ValueError, match="unknown sampler 'k_lms'"):
-        canonical("k_lms")
+        sampler("k_lms")
     with pytest.raises(ValueError, match="unknown beta schedule"):
         Schedule("quadratic")
 
@@ -111,6 +112,7 @@ def test_each_sampler_reproduces_its_diffusers_scheduler(name, n):
         x = ref.step(model(ref.scale_model_input(x, t), t), t, x, **kw).prev_sample
     g = torch.Generator().manual_seed(0)
     torch.randn(2, 4, 8, 8, generator=g)
-    steps = make_steps(sd_schedule(), name, n)
-    ours = get_sampler(name)(model, start(steps, name, noise), steps, generator=g)
+    spec = sampler(name)
+    steps = spec.steps(sd_schedule(), n)
+    ours = spec(model, spec.start(steps, noise), steps, generator=g)
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_near
 import nanosd
 from nanosd.samplers import SAMPLERS
 from nanosd.text import CLIPTokenizer
@@ -91,7 +92,7 @@ def test_text_to_image_matches_the_reference_for_every_sampler(sd, name):
     ref, pipe, _ = sd
     theirs = reference_images(ref, name, prompt=PLAIN, negative_prompt=NEGATIVES)
     ours = pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7, height=64, width=64,
-                         output="tensor")
+                         output="tensor").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert theirs.std() > 0.02 and not torch.allclose(theirs[0], theirs[1], atol=1e-2)  # pictures, not flat grey
 
@@ -108,7 +109,7 @@ def test_clip_skip_latents_and_one_prompt_for_a_batch(sd):
     theirs = reference_images(ref, "euler", prompt_embeds=embeds[:1].repeat(3, 1, 1),
                               negative_prompt_embeds=embeds[1:].repeat(3, 1, 1), latents=latents)
     ours = pipe.generate("a cat", batch_size=3, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64,
-                         width=64, clip_skip=2, latents=latents, output="tensor")
+                         width=64, clip_skip=2, latents=latents, output="tensor").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
@@ -130,7 +131,7 @@ def test_img2img_matches_the_reference(sd, name):
     theirs = reference_images(img2img, name, prompt=PLAIN, negative_prompt=NEGATIVES, image=image * 2 - 1,
                               strength=0.6, num_inference_steps=5)
     ours = pipe.img2img(image, PROMPTS, NEGATIVES, strength=0.6, steps=5, sampler=name, cfg_scale=6.0, seed=7,
-                        output="tensor")
+                        output="tensor").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
@@ -147,7 +148,7 @@ def test_inpaint_with_a_standard_unet_matches_the_reference(sd, name):
     image, mask = init_image(1), mask_image()
     theirs = reference_images(inpaint, name, prompt=PLAIN, negative_prompt=NEGATIVES, image=image, mask_image=mask)
     ours = pipe.inpaint(image, mask, PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7,
-                        output="tensor")
+                        output="tensor").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
@@ -160,7 +161,7 @@ def test_the_9_channel_inpainting_unet_matches_the_reference(tmp_path, name, str
     theirs = reference_images(ref, name, prompt=PLAIN, negative_prompt=NEGATIVES, image=image, mask_image=mask,
                               strength=strength)
     ours = pipe.inpaint(image, mask, PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7,
-                        strength=strength, output="tensor")
+                        strength=strength, output="tensor").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     single = nanosd.load(nanosd.save(pipe, tmp_path / "inpainting.safetensors"), config=folder)
     assert single.cfg.unet.cond_channels == 5  # the 9-channel U-Net, from the shapes
@@ -177,8 +178,8 @@ def test_single_file_round_trip_and_diffusers_reads_it(sd, tmp_path):
     assert keys["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # the original [C, C, 1, 1]
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
     kw = dict(steps=3, sampler="euler", cfg_scale=5.0, seed=2, height=64, width=64, output="tensor")
-    want = pipe.generate(PROMPTS, **kw)
-    torch.testing.assert_close(again.generate(PROMPTS, **kw), want, atol=0, rtol=0)
+    want = pipe.generate(PROMPTS, **kw).images
+    torch.testing.assert_close(again.generate(PROMPTS, **kw).images, want, atol=0, rtol=0)
     single = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
                                                                 safety_checker=None, requires_safety_checker=False)
     # its single-file scheduler config says timestep_spacing "leading"; nanosd keeps each family's default
@@ -286,14 +287,14 @@ def test_cli_generates_img2img_inpaints_and_converts(sd, tmp_path, capsys):
 def test_full_size_sd15_saved_by_nanosd_loads_in_diffusers_and_matches(tmp_path):
     """SD v1.5 at full size with random weights: the parameter counts, and the same image from the same latents
     through diffusers' from_single_file (a local config folder) as through nanosd."""
-    from nanosd.checkpoint import write_diffusers
-    from nanosd.pipeline import build_sd, sd_v1_config
+    from nanosd.formats import diffusers as diffusers_format, sd
+    from nanosd.pipeline import build
 
     from nanosd.autoencoder import Autoencoder
     from nanosd.condition import Conditioner
     from nanosd.unet import UNet
 
-    cfg = sd_v1_config()
+    cfg = sd.preset("sd1")
     torch.manual_seed(0)
     unet, vae, cond = UNet(cfg.unet), Autoencoder(cfg.autoencoder), Conditioner(cfg.condition)
     counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, cond.text_encoder)]
@@ -302,13 +303,13 @@ def test_full_size_sd15_saved_by_nanosd_loads_in_diffusers_and_matches(tmp_path)
         for p in unet.parameters():
             p.normal_(0, 0.02) if p.ndim > 1 else p.normal_(0, 0.01)
     parts = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": cond.text_encoder.state_dict()}
-    pipe = build_sd(cfg, parts, "random SD v1.5")
+    pipe = build(cfg, parts, "random SD v1.5")
     del unet, vae, cond, parts
     path = nanosd.save(pipe, tmp_path / "sd15.safetensors")
-    write_diffusers(tmp_path / "config", pipe, weights=False)
+    diffusers_format.write(tmp_path / "config", pipe, weights=False)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     kw = dict(steps=2, sampler="euler", cfg_scale=7.5, height=128, width=128, latents=latents, output="tensor")
-    ours = pipe.generate(["a cat", "a dog"], ["", "blurry"], **kw)
+    ours = pipe.generate(["a cat", "a dog"], ["", "blurry"], **kw).images
     del pipe
     ref = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(tmp_path / "config"),
                                                              local_files_only=True, safety_checker=None,
@@ -325,13 +326,13 @@ def test_half_precision_files_bf16_runs_tokenizer_json_and_a_separate_vae(sd, tm
 
     ref, pipe, folder = sd
     kw = dict(steps=2, sampler="euler", cfg_scale=5.0, seed=3, height=64, width=64, output="tensor")
-    want = pipe.generate(PROMPTS, **kw)
+    want = pipe.generate(PROMPTS, **kw).images
     for dtype in (torch.float16, torch.bfloat16):  # stored in half precision, computed in fp32
         half = nanosd.load(nanosd.save(pipe, tmp_path / f"{dtype}.safetensors", dtype=dtype), config=folder)
         assert half.unet.out[2].weight.dtype == torch.float32
-        assert (half.generate(PROMPTS, **kw) - want).abs().mean() < 2e-2
+        assert (half.generate(PROMPTS, **kw).images - want).abs().mean() < 2e-2
     bf16 = nanosd.load(folder, precision="bf16")
-    assert (bf16.generate(PROMPTS, **kw) - want).abs().mean() < 5e-2
+    assert (bf16.generate(PROMPTS, **kw).images - want).abs().mean() < 5e-2
     # a tokenizer folder with tokenizer.json only
     ref.tokenizer.save_pretrained(tmp_path / "tok")
     for f in ("vocab.json", "merges.txt"):
@@ -363,9 +364,10 @@ def test_long_and_weighted_prompts_are_encoded_as_a1111_does(sd):
         long, short = c.encode_clip([words, "a cat"])
         assert long.shape == (154, 32)
         first = c.tokenizer.ids(words)[:75]
-        torch.testing.assert_close(long[:77], c.model(c.tokenizer.pack([first]))[0])
-        torch.testing.assert_close(short[:77], c.model(c.tokenizer(["a cat"]))[0])  # padded with an empty chunk
-        torch.testing.assert_close(short[77:], c.model(c.tokenizer([""]))[0])
+        # all chunks of the batch in one pass against one chunk alone: other batch shapes, so relative bounds
+        assert_near(long[:77], c.model(c.tokenizer.pack([first]))[0], 1e-5)
+        assert_near(short[:77], c.model(c.tokenizer(["a cat"]))[0], 1e-5)  # padded with an empty chunk
+        assert_near(short[77:], c.model(c.tokenizer([""]))[0], 1e-5)
         plain, heavy = c.encode_clip(["a cat on a mat", "a (cat:1.5) on a mat"])
         assert torch.allclose(heavy.mean(), plain.mean(), rtol=1e-4)  # the mean is restored
         assert not torch.allclose(heavy[2], plain[2])  # "cat" (position 2) weighs more
@@ -393,8 +395,8 @@ def test_compiled_unet_matches_the_exact_path(sd):
     """The fast paths against fp32 eager on the tiny model: torch.compile (fp32, and bf16 with its tolerance)."""
     _, pipe, folder = sd
     kw = dict(steps=2, sampler="dpmpp_2m", cfg_scale=5.0, seed=4, height=64, width=64, output="tensor")
-    want = pipe.generate(PROMPTS, **kw)
+    want = pipe.generate(PROMPTS, **kw).images
     fast = nanosd.load(folder, compile=True)
-    torch.testing.assert_close(fast.generate(PROMPTS, **kw), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.generate(PROMPTS, **kw).images, want, atol=1e-4, rtol=0)
     fast = nanosd.load(folder, precision="bf16", compile=True)
-    assert (fast.generate(PROMPTS, **kw) - want).abs().mean() < 5e-2
+    assert (fast.generate(PROMPTS, **kw).images - want).abs().mean() < 5e-2

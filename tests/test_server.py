@@ -19,7 +19,7 @@ from nanosd.condition import ConditionConfig
 from nanosd.data import ImageSet
 from nanosd.server import Limits, create_app
 from nanosd.text import CLIPTextConfig
-from nanosd.train import train
+from nanosd.recipes import train
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def model(tmp_path_factory):
     data = ImageSet(torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 2, ["cat", "dog"],
                     [[c] for c in ["a cat", "a dog"] * 8])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("nanosd.train.load_dataset", lambda *a, **k: data)
+        mp.setattr("nanosd.recipes.load_dataset", lambda *a, **k: data)
         return train(cfg, tmp / "run")
 
 

@@ -6,14 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_near
 from nanosd import load
 from nanosd.cli import main
 from nanosd.condition import ConditionConfig, Conditioner
-from nanosd.data import ImageSet, pip_files
+from nanosd.data import ImageSet
+from nanosd.io import pip_files
 from nanosd.pipeline import Pipeline
+from nanosd.request import Request
 from nanosd.schedule import Schedule
 from nanosd.text import MINILM, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TextConditioner
-from nanosd.train import train
+from nanosd.recipes import train
 from nanosd.unet import UNet
 
 HARD = [
@@ -126,7 +129,8 @@ def test_padding_is_masked_out_of_cross_attention(minilm):
         alone = unet(x, t, **cond(["a seven"]))
         padded = unet(torch.cat([x, x]), torch.cat([t, t]), **cond(["a seven", "a much longer prompt about a seven"]))
     assert cond(["a seven", "a much longer prompt"])["context_mask"][0].sum() == 4
-    assert torch.allclose(alone[0], padded[0], atol=1e-5) and not torch.allclose(padded[0], padded[1], atol=1e-3)
+    assert_near(alone[0], padded[0], 1e-5)  # batch 1 against batch 2: other kernels, so a relative bound
+    assert not torch.allclose(padded[0], padded[1], atol=1e-3)
 
 
 def wake(unet):
@@ -152,13 +156,14 @@ def test_guidance_arithmetic(tiny_cfg):
     torch.manual_seed(0)
     unet = wake(UNet(tiny_cfg.unet).eval())
     pipe = Pipeline(unet, Schedule("linear"), tiny_cfg, conditioner=cond)
-    c, u, _ = pipe.conditions(["a", "b"], None, 2)
+    c, u = pipe.encode_prompts(Request(["a", "b"]).resolve(pipe))
     x, t = torch.randn(2, 1, 8, 8), torch.tensor(300)
     with torch.no_grad():
         eps = {s: pipe.denoiser(c, u, s)(x, t) for s in (0.0, 1.0, 4.0)}
         e_c, e_u = unet(x, t.expand(2), **c), unet(x, t.expand(2), **u)
-    assert torch.allclose(eps[1.0], e_c, atol=1e-6) and torch.allclose(eps[0.0], e_u, atol=1e-6)
-    assert torch.allclose(eps[4.0], e_u + 4 * (e_c - e_u), atol=1e-5)
+    # the guided batch is [uncond; cond] (4 images), the references 2: other GEMM blocking, so relative bounds
+    assert_near(eps[1.0], e_c, 1e-5), assert_near(eps[0.0], e_u, 1e-5)
+    assert_near(eps[4.0], e_u + 4 * (e_c - e_u), 1e-4)
     assert not torch.allclose(e_c, e_u)
 
 
@@ -166,7 +171,7 @@ def test_guidance_arithmetic(tiny_cfg):
 def test_tiny_conditioned_run_end_to_end(tmp_path, tiny_cfg, monkeypatch, encoder):
     data = ImageSet(torch.rand(32, 1, 8, 8) * 2 - 1, torch.arange(32) % 2, ["cat", "dog"],
                     [[f"a {c}", f"the {c}"] for c in ["cat", "dog"] * 16])
-    monkeypatch.setattr("nanosd.train.load_dataset", lambda *a, **k: data)
+    monkeypatch.setattr("nanosd.recipes.load_dataset", lambda *a, **k: data)
     tiny_cfg.condition = ConditionConfig(encoder=encoder, drop_prob=0.5,
                                          clip=CLIPTextConfig(width=32, layers=1, heads=2, max_length=16))
     tiny_cfg.train.sample_every = 3
@@ -174,9 +179,9 @@ def test_tiny_conditioned_run_end_to_end(tmp_path, tiny_cfg, monkeypatch, encode
     assert (run / "samples.png").exists()
     pipe = load(run)
     prompt = "cat" if encoder == "labels" else "a photo of a cat"
-    a = pipe.generate(prompt, batch_size=2, seed=1, output="tensor")
+    a = pipe.generate(prompt, batch_size=2, seed=1, output="tensor").images
     b = pipe.generate(prompt, "dog" if encoder == "labels" else "a dog", batch_size=2, seed=1, cfg_scale=5.0,
-                      output="tensor")
+                      output="tensor").images
     assert a.shape == (2, 1, 8, 8) and not torch.allclose(a, b)
     assert main(["generate", str(run), prompt, "--negative", "dog", "--cfg", "2", "--n", "2", "--steps", "3",
                  "--out", f"{tmp_path / 'out'}/"]) == 0
@@ -187,7 +192,7 @@ def test_tiny_conditioned_run_end_to_end(tmp_path, tiny_cfg, monkeypatch, encode
 def test_bad_prompts_get_one_line_errors(tmp_path, tiny_cfg, capsys, monkeypatch):
     data = ImageSet(torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 2, ["cat", "dog"],
                     [[c] for c in ["cat", "dog"] * 8])
-    monkeypatch.setattr("nanosd.train.load_dataset", lambda *a, **k: data)
+    monkeypatch.setattr("nanosd.recipes.load_dataset", lambda *a, **k: data)
     tiny_cfg.condition = ConditionConfig(encoder="clip", clip=CLIPTextConfig(width=32, layers=1, heads=2, max_length=16))
     run = train(tiny_cfg, tmp_path / "run", steps=1)
     capsys.readouterr()  # the training progress

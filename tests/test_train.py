@@ -11,7 +11,8 @@ from nanosd import load
 from nanosd.cli import main
 from nanosd.config import dump_config
 from nanosd.schedule import Schedule
-from nanosd.train import Trainer, diffusion_loss, train
+from nanosd.recipes import diffusion_loss, train
+from nanosd.train import Trainer
 from nanosd.unet import UNet
 
 
@@ -75,9 +76,9 @@ def test_seeded_sampling_is_reproducible_bit_for_bit(tmp_path, tiny_cfg, image_f
     run = train(tiny_cfg, tmp_path / "run", steps=2)
     pipe = load(run)
     for sampler in ("ddpm", "ddim"):
-        a = pipe.generate(batch_size=3, sampler=sampler, steps=10, seed=7, eta=0.5, output="tensor")
-        b = pipe.generate(batch_size=3, sampler=sampler, steps=10, seed=7, eta=0.5, output="tensor")
-        c = pipe.generate(batch_size=3, sampler=sampler, steps=10, seed=8, eta=0.5, output="tensor")
+        a = pipe.generate(batch_size=3, sampler=sampler, steps=10, seed=7, eta=0.5, output="tensor").images
+        b = pipe.generate(batch_size=3, sampler=sampler, steps=10, seed=7, eta=0.5, output="tensor").images
+        c = pipe.generate(batch_size=3, sampler=sampler, steps=10, seed=8, eta=0.5, output="tensor").images
         assert torch.equal(a, b) and not torch.equal(a, c)
         assert a.shape == (3, 1, 8, 8) and 0 <= a.min() and a.max() <= 1
 
@@ -191,3 +192,19 @@ def test_autoguidance_steps_away_from_the_runs_early_weights(tmp_path, tiny_cfg,
     (run / "guide.safetensors").unlink()
     capsys.readouterr()  # drop the progress bars
     one_line_error(capsys, ["generate", str(run), "--autoguidance", "2"], "needs the run's guide.safetensors")
+
+
+def test_written_files_take_the_umask_not_a_temporary_files_mode(tmp_path, tiny_cfg, image_folder):
+    """A model written by a training job must be readable by a server running as another user: every file of the
+    run folder gets the mode any new file of the process would (0644 under umask 022), the atomic ones too."""
+    import os
+
+    tiny_cfg.data.name = str(image_folder)
+    tiny_cfg.train.guide_at = 0.5
+    old = os.umask(0o022)
+    try:
+        run = train(tiny_cfg, tmp_path / "run", steps=2)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "train_state.safetensors", "guide.safetensors", "config.toml"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name

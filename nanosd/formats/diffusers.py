@@ -1,0 +1,191 @@
+"""diffusers folders: the configs that describe the architecture, and the renaming of our (the original
+checkpoint's) parameter names to diffusers' module names, spelled out once in `names` and used both ways."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..io import atomic_path, read_checkpoint
+
+
+def _rename(key, rules, inner=()):
+    """Rename by the first (prefix, replacement) rule that matches, then the rest by the `inner` rules."""
+    for a, b in rules:
+        if key.startswith(a):
+            rest = key[len(a):]
+            return b + next((d + rest[len(c):] for c, d in inner if rest.startswith(c)), rest)
+    return key
+
+
+def names(kind: str, model) -> dict:
+    """Our parameter names -> diffusers' for a UNet ("unet") or an Autoencoder ("vae") of any size."""
+    rules = []
+    if kind == "unet":
+        c = model.cfg
+        levels, nrb = len(c.channel_mult), c.num_res_blocks
+        rules += [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+                  ("label_emb.", "class_embedding."), ("input_blocks.0.0.", "conv_in."),
+                  ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
+                  ("middle_block.2.", "mid_block.resnets.1."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+        for lv in range(levels):
+            for j in range(nrb):
+                i = 1 + lv * (nrb + 1) + j
+                rules += [(f"input_blocks.{i}.0.", f"down_blocks.{lv}.resnets.{j}."),
+                          (f"input_blocks.{i}.1.", f"down_blocks.{lv}.attentions.{j}.")]
+            rules.append((f"input_blocks.{1 + lv * (nrb + 1) + nrb}.0.op.", f"down_blocks.{lv}.downsamplers.0.conv."))
+            for j in range(nrb + 1):
+                i = lv * (nrb + 1) + j
+                rules += [(f"output_blocks.{i}.0.", f"up_blocks.{lv}.resnets.{j}."),
+                          (f"output_blocks.{i}.1.conv.", f"up_blocks.{lv}.upsamplers.0.conv."),
+                          (f"output_blocks.{i}.2.conv.", f"up_blocks.{lv}.upsamplers.0.conv."),
+                          (f"output_blocks.{i}.1.", f"up_blocks.{lv}.attentions.{j}.")]
+        inner = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
+                 ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
+    else:
+        levels = len(model.cfg.ch_mult)
+        for part in ("encoder", "decoder"):
+            rules += [(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0."),
+                      (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1."),
+                      (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0."),
+                      (f"{part}.norm_out.", f"{part}.conv_norm_out.")]
+        for lv in range(levels):
+            up = levels - 1 - lv  # diffusers counts the decoder's levels from the bottom
+            rules += [(f"encoder.down.{lv}.downsample.", f"encoder.down_blocks.{lv}.downsamplers.0."),
+                      (f"decoder.up.{lv}.upsample.", f"decoder.up_blocks.{up}.upsamplers.0.")]
+            rules += [(f"encoder.down.{lv}.block.{j}.", f"encoder.down_blocks.{lv}.resnets.{j}.")
+                      for j in range(model.cfg.num_res_blocks)]
+            rules += [(f"decoder.up.{lv}.block.{j}.", f"decoder.up_blocks.{up}.resnets.{j}.")
+                      for j in range(model.cfg.num_res_blocks + 1)]
+        inner = [("nin_shortcut.", "conv_shortcut."), ("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."),
+                 ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+    return {k: _rename(k, rules, inner) for k in model.state_dict()}
+
+
+def configs(folder: Path):
+    """The architecture a diffusers folder's config files describe: (unet, vae, text) configs, the scheduler's
+    settings, the VAE's scale factor and the default image size."""
+    from ..autoencoder import AutoencoderConfig
+    from ..text import CLIPTextConfig
+    from ..unet import UNetConfig
+
+    def config(sub, name="config.json"):
+        f = folder / sub / name
+        if not f.is_file():
+            raise FileNotFoundError(f"diffusers folder {folder} has no {sub}/{name}")
+        return json.loads(f.read_text())
+
+    uc, vc, tc = config("unet"), config("vae"), config("text_encoder")
+    if uc.get("use_linear_projection") or uc.get("addition_embed_type") or uc.get("class_embed_type") or \
+            isinstance(uc.get("cross_attention_dim"), list):
+        raise ValueError(f"{folder}/unet is not an SD v1-style U-Net (linear projections or added embeddings): "
+                         "nanosd loads SD v1.x")
+    boc, types = uc["block_out_channels"], uc["down_block_types"]
+    heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)
+    unet = UNetConfig(in_channels=uc.get("out_channels", 4), cond_channels=uc["in_channels"] - uc.get("out_channels", 4),
+                      model_channels=boc[0], channel_mult=[c // boc[0] for c in boc],
+                      num_res_blocks=uc.get("layers_per_block", 2),
+                      attention_levels=[i for i, name in enumerate(types) if name.startswith("CrossAttn")],
+                      num_heads=list(heads) if isinstance(heads, (list, tuple)) else heads,
+                      transformer_depth=uc.get("transformer_layers_per_block", 1) or 1,
+                      context_dim=uc.get("cross_attention_dim", 768), norm_groups=uc.get("norm_num_groups", 32))
+    vb = vc["block_out_channels"]
+    vae = AutoencoderConfig(in_channels=vc.get("in_channels", 3), ch=vb[0], ch_mult=[c // vb[0] for c in vb],
+                            num_res_blocks=vc.get("layers_per_block", 1), z_channels=vc.get("latent_channels", 4),
+                            norm_groups=vc.get("norm_num_groups", 32))
+    text = CLIPTextConfig(vocab_size=tc["vocab_size"], width=tc["hidden_size"], layers=tc["num_hidden_layers"],
+                          heads=tc["num_attention_heads"], max_length=tc["max_position_embeddings"],
+                          act=tc.get("hidden_act", "quick_gelu"), eps=tc.get("layer_norm_eps", 1e-5),
+                          intermediate=tc.get("intermediate_size", 0))
+    sched = config("scheduler", "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
+    return (unet, vae, text), sched, vc.get("scaling_factor", 0.18215), uc.get("sample_size", 64) * vae.factor
+
+
+def read(folder: Path, archs, dtype=None) -> dict:
+    """A diffusers folder's weights (fp16 variants and shards alike), by part, under our names."""
+    from ..autoencoder import Autoencoder
+    from ..unet import UNet
+
+    def weights(sub):
+        files = sorted((folder / sub).glob("*.safetensors")) or sorted((folder / sub).glob("*.bin"))
+        if not files:
+            raise FileNotFoundError(f"diffusers folder {folder} has no weights in {sub}/")
+        out = {}
+        for f in files:
+            out.update(read_checkpoint(f, dtype))
+        return out
+
+    unet_cfg, vae_cfg, _ = archs
+    parts = {"unet": weights("unet"), "vae": weights("vae"), "text_encoder": weights("text_encoder")}
+    with torch.device("meta"):
+        models = {"unet": UNet(unet_cfg), "vae": Autoencoder(vae_cfg)}
+    for name, model in models.items():
+        back = {theirs: ours for ours, theirs in names(name, model).items()}
+        parts[name] = {back.get(k, k): w for k, w in parts[name].items()}
+    parts["text_encoder"] = {k.removeprefix("text_model."): w for k, w in parts["text_encoder"].items()
+                             if not k.endswith("position_ids")}
+    return parts
+
+
+def fit_shapes(model: torch.nn.Module, tensors: dict) -> dict:
+    """The VAE's attention projections as the model holds them: 1x1 convolutions ([C, C, 1, 1]) from linear
+    layers' [C, C] (diffusers-made files), and back."""
+    own = model.state_dict()
+    return {k: v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and v.numel() == own[k].numel()
+            and v.ndim in (2, 4) and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v for k, v in tensors.items()}
+
+
+def write(folder, pipe, weights=True):
+    """A diffusers folder (configs, weights under diffusers' names, tokenizer, scheduler) for an SD pipeline;
+    weights=False writes the configs alone (what diffusers' from_single_file takes as `config`)."""
+    cfg, u, d = pipe.cfg, pipe.cfg.unet, pipe.cfg.diffusion
+    levels = range(len(u.channel_mult))
+    heads = [u.heads(lv) for lv in levels]
+    vae = pipe.autoencoder.cfg
+    t = pipe.text_encoder.cfg
+    configs = {
+        "unet": {"_class_name": "UNet2DConditionModel", "in_channels": u.in_channels + u.cond_channels,
+                 "out_channels": u.in_channels, "block_out_channels": [u.model_channels * m for m in u.channel_mult],
+                 "layers_per_block": u.num_res_blocks, "cross_attention_dim": u.context_dim,
+                 "down_block_types": ["CrossAttnDownBlock2D" if lv in u.attention_levels else "DownBlock2D" for lv in levels],
+                 "up_block_types": ["CrossAttnUpBlock2D" if lv in u.attention_levels else "UpBlock2D" for lv in reversed(levels)],
+                 "attention_head_dim": heads if len(set(heads)) > 1 else heads[0], "norm_num_groups": u.norm_groups,
+                 "transformer_layers_per_block": u.transformer_depth, "sample_size": cfg.data.size // vae.factor},
+        "vae": {"_class_name": "AutoencoderKL", "in_channels": vae.in_channels, "out_channels": vae.in_channels,
+                "block_out_channels": [vae.ch * m for m in vae.ch_mult], "layers_per_block": vae.num_res_blocks,
+                "latent_channels": vae.z_channels, "down_block_types": ["DownEncoderBlock2D"] * len(vae.ch_mult),
+                "up_block_types": ["UpDecoderBlock2D"] * len(vae.ch_mult), "norm_num_groups": vae.norm_groups,
+                "scaling_factor": d.scale_factor, "sample_size": cfg.data.size},
+        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
+                         "hidden_size": t.width, "intermediate_size": t.intermediate or 4 * t.width,
+                         "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+                         "max_position_embeddings": t.max_length, "hidden_act": t.act, "layer_norm_eps": t.eps,
+                         "bos_token_id": pipe.tokenizer.bos, "eos_token_id": pipe.tokenizer.eos, "pad_token_id": 1},
+    }
+    betas = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+    beta_start, beta_end = (1e-4, 0.02) if d.schedule == "linear" else (0.00085, 0.012)  # the schedules' own
+    scheduler = {"_class_name": "PNDMScheduler", "beta_schedule": betas[d.schedule], "num_train_timesteps": d.timesteps,
+                 "beta_start": d.beta_start or beta_start, "beta_end": d.beta_end or beta_end,
+                 "steps_offset": d.steps_offset, "set_alpha_to_one": d.set_alpha_to_one, "skip_prk_steps": True,
+                 "clip_sample": False, "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction]}
+    index = {"_class_name": "StableDiffusionInpaintPipeline" if u.cond_channels else "StableDiffusionPipeline",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    tensors = {"unet": {names("unet", pipe.unet)[k]: v for k, v in pipe.unet.state_dict().items()},
+               "vae": {names("vae", pipe.autoencoder)[k]: v.flatten(1) if v.ndim == 4 and v.shape[-1] == 1
+                       and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v
+                       for k, v in pipe.autoencoder.state_dict().items()},
+               "text_encoder": {"text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()}}
+    with atomic_path(folder) as tmp:
+        for part, conf in configs.items():
+            (tmp / part).mkdir(parents=True)
+            (tmp / part / "config.json").write_text(json.dumps(conf, indent=2))
+            name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+            if weights:
+                save_file({k: v.contiguous() for k, v in tensors[part].items()}, tmp / part / name)
+        pipe.tokenizer.save(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,243 @@
+"""The recipes the trainer runs: the diffusion loss, and `train()`, which reads as a latent diffusion recipe does:
+the autoencoder phase, the latents, the conditioner, the U-Net. Each phase derives its part of the config from
+the data (channels, classes, the latents' scale) instead of rewriting the caller's."""
+import copy
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import run
+from .condition import ConditionedUNet, Conditioner, bind_conditioner
+from .config import Config, TrainConfig, dump_config, load_config
+from .data import ImageSet, load_dataset
+from .images import save_grid
+from .io import cache_dir, load_tensors, save_tensors
+from .schedule import Schedule
+from .train import Trainer, distributed
+from .unet import UNet
+
+AUTOENCODER_SHARE = 0.3  # of a latent recipe's wall-clock budget, when its autoencoder has none of its own
+
+
+def diffusion_loss(model, batch, g, step=None, *, schedule: Schedule, prediction="eps", weighting="none"):
+    """L_simple = E_{t, eps} || target - net(x_t, t, c) ||^2 with t uniform, target eps (or v, or x0).
+    A conditioned model (ConditionedUNet) reads a caption per image, dropped to "" at condition.drop_prob."""
+    x0 = batch["image"]
+    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=g, device=g.device)
+    noise = torch.randn(x0.shape, generator=g, device=g.device)
+    unet, cond = model, {}
+    if isinstance(model, ConditionedUNet):
+        unet, c = model.unet, model.conditioner
+        cond = {k: v.to(x0.device) if v is not None else v
+                for k, v in c(c.training_prompts(batch.get("captions"), batch.get("label"), g)).items()}
+        if c.cfg.concat:  # from the pixels (a latent model's data keeps them beside the latents)
+            image, mask = c.derive(batch.get("pixels", x0), g)
+            cond["concat"] = c.spatial(image, mask, x0.shape[-2:])
+    out = unet(schedule.q_sample(x0, t, noise), t, **cond)
+    target = schedule.target(prediction, x0, noise, t)
+    per_image = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    if weighting == "min_snr":  # Min-SNR-gamma, expressed for each prediction target
+        snr = schedule.alphas_cumprod.to(t.device)[t] / (1 - schedule.alphas_cumprod.to(t.device)[t])
+        w = snr.clamp(max=5.0) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+        per_image = per_image * w
+    return per_image.mean()
+
+
+def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=None):
+    """Train (or resume) the recipe `cfg` in `run_dir`. With cfg None, resume the run folder's own config.
+    A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
+    same wall-clock budget, then the U-Net on the cached, scaled latents."""
+    run_dir = Path(run_dir)
+    cfg = _open_run(cfg, run_dir, minutes, steps)
+    data = load_dataset(cfg.data.name, cfg.data.size)
+    rank, world, device = distributed()
+    say = print if rank == 0 else (lambda *a: None)
+    tcfg, ae = cfg.train, None
+
+    # 1. the autoencoder and 2. the latents (latent recipes)
+    if cfg.autoencoder:
+        ae, ae_cfg, ae_minutes = autoencoder_phase(cfg, run_dir, data, autoencoder, device)
+        if tcfg.minutes:  # the budget covers both models
+            tcfg = replace(tcfg, minutes=max(tcfg.minutes - ae_minutes, 1e-3))
+        data, scale = latent_data(cfg, run_dir / run.AUTOENCODER, ae, data)
+        cfg = replace(cfg, autoencoder=ae_cfg, diffusion=replace(cfg.diffusion, scale_factor=scale))
+
+    # 3. the conditioner: its classes and the grids' prompts from the data, and what the U-Net must read
+    conditioner, unet_options = None, {"in_channels": data.shape[0]}
+    if cfg.condition:
+        cfg = with_condition(cfg, data)
+        conditioner = bind_conditioner(Conditioner(cfg.condition), ae, cfg)
+        unet_options.update(conditioner.unet_options(data.shape[0], ae.cfg.in_channels if ae else data.shape[0]))
+
+    # 4. the U-Net
+    cfg = replace(cfg, unet=replace(cfg.unet, **unet_options))
+    if rank == 0:
+        run.write_config(cfg, run_dir)
+    schedule = Schedule.of(cfg.diffusion)
+    torch.manual_seed(cfg.train.seed)  # the initial weights
+    unet = UNet(cfg.unet)
+    model = ConditionedUNet(unet, conditioner) if conditioner else unet
+
+    def loss_fn(model, batch, g, step):
+        return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
+                              weighting=cfg.diffusion.loss_weighting)
+
+    trainer = Trainer(run_dir, model, loss_fn, data, tcfg, evaluate=grids(cfg, run_dir, schedule, ae, data),
+                      device=device)
+    if trainer.resume():
+        say(f"resuming {run_dir} from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
+    say(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} "
+        f"{'latents' if ae else 'images'} of {data.shape}, run folder {run_dir}"
+        + (f", {world} processes" if world > 1 else ""))
+    trainer.fit()
+    if world > 1:
+        dist.barrier()  # rank 0's last checkpoint and grid are written before anyone leaves
+    return run_dir
+
+
+def _open_run(cfg: Config | None, run_dir: Path, minutes, steps) -> Config:
+    """The run's config (a copy: the caller's stays as it was): a new one (refused if the folder holds another
+    run) or the folder's own, to resume; with the budget given on the command line."""
+    stored = run_dir / run.CONFIG
+    if cfg is None:
+        if not stored.exists():
+            raise FileNotFoundError(f"{run_dir} is not a run folder (no {run.CONFIG}): pass a config file to start a run")
+        cfg = load_config(stored)
+    elif stored.exists() and (run_dir / run.STATE).exists():
+        old = load_config(stored)  # what the recipe derived from the data is not part of the comparison
+        old = replace(old, train=replace(old.train, steps=cfg.train.steps, minutes=cfg.train.minutes),
+                      unet=replace(old.unet, in_channels=cfg.unet.in_channels),
+                      diffusion=replace(old.diffusion, scale_factor=cfg.diffusion.scale_factor),
+                      autoencoder=replace(old.autoencoder, in_channels=cfg.autoencoder.in_channels)
+                      if old.autoencoder and cfg.autoencoder else old.autoencoder)
+        if dump_config(old) != dump_config(cfg):
+            raise ValueError(f"run folder {run_dir} holds a run of another config: choose a new --out, "
+                             f"or resume it with 'nanosd train {run_dir}'")
+    budget = {k: v for k, v in (("minutes", minutes), ("steps", steps)) if v is not None}
+    return replace(cfg, train=replace(cfg.train, **budget)) if budget else copy.deepcopy(cfg)
+
+
+def autoencoder_phase(cfg: Config, run_dir: Path, data, given, device):
+    """(autoencoder, its config, minutes spent): copied from `given`, or trained in RUN/autoencoder/."""
+    ae_dir = run_dir / run.AUTOENCODER
+    if given is not None:
+        run.copy_autoencoder(Path(given), ae_dir)
+    if (ae_dir / run.WEIGHTS).exists() and not (ae_dir / run.STATE).exists():  # given, not trained here
+        return run.load_autoencoder(ae_dir, run_dir), load_config(ae_dir / run.CONFIG).autoencoder, 0.0
+    ae_cfg = replace(cfg.autoencoder, in_channels=data.shape[0])
+    tcfg = cfg.autoencoder_train or TrainConfig()
+    if not tcfg.steps and not tcfg.minutes:
+        if not cfg.train.minutes:
+            raise ValueError("set autoencoder_train.steps or .minutes, or give --minutes for the whole recipe")
+        tcfg = replace(tcfg, minutes=cfg.train.minutes * AUTOENCODER_SHARE)
+    ae, seconds = train_autoencoder(replace(cfg, autoencoder=ae_cfg), ae_dir, data, tcfg, device)
+    return ae, ae_cfg, seconds / 60
+
+
+def train_autoencoder(cfg: Config, ae_dir: Path, data, tcfg: TrainConfig, device="cpu"):
+    """Train (or finish) the autoencoder of a latent recipe in its own run folder; returns its EMA model."""
+    from .autoencoder import Autoencoder, AutoencoderLoss, psnr, ssim
+
+    if distributed()[0] == 0:
+        run.write_config(cfg, ae_dir)
+    held_out = load_dataset(cfg.data.name, cfg.data.size, split="test")
+    held_out = (held_out if len(held_out) else data).spread(500)
+    torch.manual_seed(tcfg.seed)
+    ae = Autoencoder(cfg.autoencoder)
+
+    @torch.no_grad()
+    def evaluate(step, ema):
+        x = held_out.to(device)
+        rec = torch.cat([ema.decode(ema.encode(b).mode()) for b in x.split(100)])
+        a, b = ((x + 1) / 2).clamp(0, 1), ((rec + 1) / 2).clamp(0, 1)
+        n = min(8, len(a))
+        save_grid(torch.cat([a[:n], b[:n]]).cpu(), ae_dir / "reconstructions.png", nrow=n)
+        return {"psnr": round(psnr(a, b).mean().item(), 3), "ssim": round(ssim(a, b).mean().item(), 4)}
+
+    trainer = Trainer(ae_dir, ae, AutoencoderLoss(cfg.autoencoder), data, tcfg, evaluate=evaluate, device=device)
+    if trainer.resume():
+        print(f"resuming autoencoder {ae_dir} from step {trainer.step}")
+    if not trainer.done():
+        print(f"{sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M-parameter autoencoder (f={cfg.autoencoder.factor}), "
+              f"run folder {ae_dir}")
+        trainer.fit()
+    return trainer.ema.eval(), trainer.elapsed
+
+
+def latent_data(cfg: Config, ae_dir: Path, ae, data):
+    """(the data as scaled latents, the scale): the latents stored in shards made with this very autoencoder, or
+    the data set encoded once (cached); the scale is diffusion.scale_factor, or 1/std of the latents."""
+    concat = bool(cfg.condition and cfg.condition.concat)
+    stored = getattr(data, "latent_info", None)
+    if stored and stored["autoencoder"] == run.weights_key(ae_dir):
+        if concat:
+            raise ValueError("spatial conditions need the pixels beside the latents: train on the images, "
+                             "not on pre-encoded shards")
+        scale = cfg.diffusion.scale_factor or round(1 / data.latents().std().item(), 5)
+        return data.use_latents(scale), scale
+    if concat and not isinstance(data, ImageSet):
+        raise ValueError("spatial-condition recipes keep the pixels in memory: train them on a data set or "
+                         "an image folder, not on shards")
+    latents = encode_dataset(ae, data, ae_dir, cfg)
+    scale = cfg.diffusion.scale_factor or round(1 / latents.std().item(), 5)
+    return ImageSet(latents * scale, data.labels, data.classes, data.captions, data.images if concat else None), scale
+
+
+def with_condition(cfg: Config, data) -> Config:
+    """The condition's classes (labels) and the grids' prompts (one per class, or captions from across the data)."""
+    c, prompts = cfg.condition, cfg.sample.prompts
+    if c.encoder == "labels":
+        if data.labels is None:
+            raise ValueError(f"condition.encoder = 'labels' needs labelled data, and {cfg.data.name} has none")
+        c = replace(c, classes=list(data.classes))
+    if not prompts:
+        if c.encoder == "labels":
+            prompts = list(data.classes)
+        elif data.captions and c.encoder != "none":
+            idx = data.spread_index(len(data.classes) or 8).tolist()
+            prompts = list(dict.fromkeys(data.captions[i][0] for i in idx))
+    return replace(cfg, condition=c, sample=replace(cfg.sample, prompts=prompts))
+
+
+def grids(cfg: Config, run_dir: Path, schedule, ae, data):
+    """The trainer's evaluation: a grid of samples from the EMA weights (for spatial conditions, rows of
+    condition, sample, original), with autoguidance once the guide exists."""
+    from .explain import condition_rows
+    from .pipeline import Pipeline
+
+    guides = []  # read once it is written: from then on the grids show autoguidance as generate does
+
+    def evaluate(step, ema):
+        if not guides and (guide := run.load_guide(run_dir, cfg)):
+            guides.append(guide.to(next(ema.parameters()).device))
+        guide = guides[0] if guides else None
+        pipe, nrow = Pipeline.of(ema, schedule, cfg, ae, guide=guide), None
+        if cfg.condition and cfg.condition.concat:  # rows: condition, sample, original
+            pixels = (data.images if data.pixels is None else data.pixels)[data.spread_index(8)]
+            images, nrow = condition_rows(pipe, pixels, pipe.grid_prompts(len(pixels))), len(pixels)
+        else:
+            images = pipe.generate(pipe.grid_prompts(cfg.sample.n), batch_size=cfg.sample.n, seed=0, output="tensor",
+                                   autoguidance=None if guide else 1.0).images
+        save_grid(images, run_dir / run.GRIDS / f"step_{step:07d}.png", nrow=nrow)
+        save_grid(images, run_dir / run.GRID, nrow=nrow)
+    return evaluate
+
+
+@torch.no_grad()
+def encode_dataset(ae, data, ae_dir: Path, cfg: Config, batch=250):
+    """E(x) (the posterior mean) for every image, encoded once and cached by the autoencoder's weights."""
+    key = run.weights_key(ae_dir)
+    name = hashlib.sha256(cfg.data.name.encode()).hexdigest()[:8]
+    path = cache_dir() / "latents" / f"{name}-{cfg.data.size}-{key}.safetensors"
+    if path.exists():
+        return load_tensors(path)["latents"]
+    device = next(ae.parameters()).device
+    latents = torch.cat([ae.encode(data.take(torch.arange(i, min(i + batch, len(data))))["image"].to(device)).mode().cpu()
+                         for i in tqdm(range(0, len(data), batch), desc="encoding latents", leave=False)])
+    save_tensors({"latents": latents}, path)
+    return latents

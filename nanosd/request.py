@@ -1,0 +1,129 @@
+"""What to generate: one object for the Python API, the CLI and the server. `resolve(model)` fills the defaults
+from the model and validates once (each refusal one line naming the field and the fix); the resolved request is
+what sampling reads and what the infotext (A1111's PNG `parameters`) is written from."""
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .samplers import Sampler, sampler as get_sampler
+
+OUTPUTS = ("pil", "tensor", "latent")
+
+
+@dataclass
+class Request:
+    prompt: str | list[str] | None = None  # conditioned models: a prompt for all, or one per image
+    negative_prompt: str | list[str] | None = None
+    steps: int | None = None  # None: the model's (every timestep for DDPM)
+    sampler: str | Sampler | None = None  # ours or A1111's name; None: the model's
+    cfg_scale: float | None = None  # None: the model's guidance
+    seed: int | None = None  # None: drawn
+    height: int | None = None  # None: the init image's, else the model's
+    width: int | None = None
+    batch_size: int = 1
+    eta: float | None = None  # samplers that take it (DDIM); None: the model's
+    clip_skip: int = 1
+    autoguidance: float | None = None  # None: the run's (1: off)
+    init: Any = None  # img2img and inpainting: the image to start from (PIL, or a tensor in [0, 1])
+    mask: Any = None  # inpainting: white = the hole to fill
+    image: Any = None  # the spatial condition of a model trained with one (an edge map, a low-resolution image)
+    strength: float = 1.0  # the part of the schedule redone from init (img2img)
+    overlay: bool | None = None  # inpainting: paste the original pixels back outside the hole (None: the model's)
+    latents: torch.Tensor | None = None  # the starting noise, instead of drawing it
+    output: str = "pil"  # pil, tensor (in [0, 1]) or latent
+
+    def resolve(self, model) -> "Request":
+        """A copy with every default taken from `model` (a Pipeline) and every field checked against it."""
+        cfg, c = model.cfg, model.conditioner
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.clip_skip < 1:
+            raise ValueError(f"clip_skip must be at least 1 (1: CLIP's last layer), got {self.clip_skip}")
+        spec = self.sampler if isinstance(self.sampler, Sampler) else get_sampler(self.sampler or cfg.sample.sampler)
+        steps = self.steps or (model.schedule.timesteps if spec.every_step else cfg.sample.steps)
+        if not 1 <= steps <= model.schedule.timesteps:
+            raise ValueError(f"steps must be between 1 and {model.schedule.timesteps}, got {steps}")
+        prompts, negatives = self._prompts(c)
+        prompted = prompts is not None
+        autoguidance = cfg.sample.autoguidance if self.autoguidance is None else self.autoguidance
+        if autoguidance != 1.0 and model.guide is None:
+            raise ValueError(f"autoguidance {autoguidance} needs the run's guide.safetensors, which this model lacks: "
+                             f"train an unconditioned model with train.guide_at > 0, or use autoguidance 1 (off)")
+        concat = c.cfg.concat if c else ""
+        if concat == "inpaint" and (self.init is None or self.mask is None):
+            raise ValueError("this is an inpainting model: give an image and a mask (inpaint)")
+        if concat and concat != "inpaint" and self.mask is not None:
+            raise ValueError(f"this model is conditioned on {concat}, not an inpainting mask: give no mask")
+        if not concat and self.image is not None:
+            raise ValueError("this model was trained without a spatial condition: give no image or mask")
+        if self.mask is not None and self.init is None:
+            raise ValueError("a mask needs the image it covers: give an image too (inpaint)")
+        # the size: as asked, else the init image's, else the model's own
+        init = self.init
+        default = (init.size[1], init.size[0]) if isinstance(init, Image.Image) else \
+            tuple(torch.as_tensor(init).shape[-2:]) if init is not None else (cfg.data.size,) * 2
+        height, width = self.height or default[0], self.width or default[1]
+        if height % model.factor or width % model.factor:
+            raise ValueError(f"size {width}x{height} is not divisible by the model's factor {model.factor}: "
+                             f"use a multiple of {model.factor}")
+        return dataclasses.replace(
+            self, prompt=prompts, negative_prompt=negatives, steps=steps, sampler=spec,
+            cfg_scale=(cfg.condition.guidance if self.cfg_scale is None else self.cfg_scale) if prompted else 1.0,
+            seed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed,
+            height=height, width=width, batch_size=len(prompts) if prompted else self.batch_size,
+            eta=cfg.sample.eta if self.eta is None else self.eta, autoguidance=autoguidance,
+            overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay)
+
+    def _prompts(self, c):
+        """(prompts, negatives), one each per image, or (None, None) for a model that takes none."""
+        if c is None or not c.prompted:
+            if self.prompt:
+                raise ValueError("this model was trained without text or labels: generate without a prompt")
+            return None, None
+        prompt = self.prompt
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError("this model is conditioned: give a non-empty prompt"
+                             + (f" (one of: {', '.join(c.classes)})" if c.classes else ""))
+        prompts = [prompt] * self.batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = self.negative_prompt or ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one each")
+        c.check(prompts + negatives)
+        return prompts, negatives
+
+    @property
+    def guided(self):
+        return self.prompt is not None
+
+    def infotext(self, index=0, model="") -> str:
+        """A resolved request in A1111's `parameters` format: the prompt, 'Negative prompt: ...', then
+        'Steps: 20, Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...'."""
+        lines = []
+        if self.prompt is not None:
+            lines += [self.prompt[index]] + ([f"Negative prompt: {self.negative_prompt[index]}"]
+                                             if self.negative_prompt[index] else [])
+        settings = {"Steps": self.steps, "Sampler": self.sampler.a1111,
+                    **({"CFG scale": self.cfg_scale} if self.guided else {}),
+                    **({"Autoguidance": self.autoguidance} if self.autoguidance != 1.0 else {}),
+                    "Seed": self.seed, **({"Clip skip": self.clip_skip} if self.clip_skip != 1 else {}),
+                    **({"Denoising strength": self.strength} if self.init is not None and self.strength < 1 else {}),
+                    "Size": f"{self.width}x{self.height}", **({"Model": model} if model else {})}
+        return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in settings.items())])
+
+
+@dataclass
+class Generation:
+    """What generate() returns: the images and the resolved request that made them."""
+    images: Any  # a list of PIL images, or a (N, C, H, W) tensor (output="tensor" or "latent")
+    request: Request
+
+    def infotext(self, index=0, model="") -> str:
+        return self.request.infotext(index, model)
