@@ -1,8 +1,9 @@
-# `make demo`: install, train the text-to-image MNIST recipe for 10 minutes, write a grid for fixed prompts.
+# `make demo`: install, train the text-to-image MNIST recipe (a step budget: about 10 minutes; MINUTES caps it),
+# write a grid for fixed prompts and the cross-attention figure.
 # `make test`: install and run the whole test suite.
 PY ?= python3
 RUN ?= runs/mnist-text
-MINUTES ?= 10
+MINUTES ?= 30
 
 EMOJI_MINUTES ?= 60
 PVL_MINUTES ?= 15
@@ -28,13 +29,11 @@ bench: install
 	$(PY) benchmarks/speed.py configs/mnist-pixel.toml
 
 # `make figures`: the README's pictures under docs/, each from a real run made here (the README gives the minutes
-# and the machine of the committed ones): the text recipe's grid and its figures, the emoji grid, pixel vs latent
-figures: install
-	nanosd train configs/mnist-text.toml --out runs/fig-text --minutes $(MINUTES)
-	nanosd generate runs/fig-text --prompts configs/mnist-text-prompts.txt --n 8 --seed 0 --out docs/mnist-text-grid.png
-	nanosd explain attention runs/fig-text "a handwritten 7" --out docs/attention.png
-	nanosd explain reverse runs/fig-text "a handwritten 3" --out docs/reverse.png
-	nanosd explain latent runs/fig-text --out docs/latent.png
+# and the machine of the committed ones): the demo's grid and figures, the emoji grid, pixel vs latent
+figures: demo
+	cp $(RUN)/grid.png docs/mnist-text-grid.png && cp $(RUN)/attention.png docs/attention.png
+	nanosd explain reverse $(RUN) "a handwritten 3" --out docs/reverse.png
+	nanosd explain latent $(RUN) --out docs/latent.png
 	nanosd explain forward --out docs/forward.png
 	nanosd train configs/emoji-text.toml --out runs/fig-emoji --minutes $(EMOJI_MINUTES)
 	nanosd generate runs/fig-emoji --prompts configs/emoji-text-prompts.txt --n 8 --seed 0 --out docs/emoji-grid.png

@@ -54,7 +54,6 @@ class TrainConfig:
     guide_at: float = 0.0  # > 0: at this fraction of the budget the EMA weights are kept (guide.safetensors) for autoguidance
     steps: int = 0  # 0: no step limit (use minutes)
     minutes: float = 0.0  # wall-clock budget (with steps: a cap); 0: no time limit (use steps)
-    tuned_steps: int = 0  # wall-clock recipes: the steps they were tuned for (far fewer: a warning at the end)
     bf16: bool = False  # bf16 autocast (slower than fp32 for small convolutions on CPU)
     seed: int = 0
     log_every: int = 25

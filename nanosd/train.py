@@ -252,16 +252,15 @@ class Trainer:
             self.summary(first_step, first_elapsed)
 
     def summary(self, first_step, first_elapsed):
-        """What the budget bought: steps and images/s, and a warning when the clock stopped a run far short of
-        the steps its recipe was tuned for (a slower CPU): its samples will be worse than the recipe's."""
+        """What the budget bought: steps and images/s, and a warning when the minutes cut a step budget far short
+        (a slower CPU than the recipe was made on): its samples will be worse than the recipe's."""
         c, steps, seconds = self.cfg, self.step - first_step, self.elapsed - first_elapsed
         print(f"trained {self.step} steps ({steps} now) in {self.elapsed / 60:.1f} min, "
               f"{steps * c.batch_size / max(seconds, 1e-9):.0f} images/s")
-        want = c.steps or c.tuned_steps
-        if c.minutes and want and self.step < 0.75 * want:
-            print(f"warning: the {c.minutes:g}-minute budget ran out at step {self.step} of the {want} this recipe "
-                  f"was tuned for (this CPU is slower): expect weaker samples, or give --minutes "
-                  f"{c.minutes * want / max(self.step, 1):.0f} to let it finish")
+        if c.minutes and c.steps and self.step < 0.75 * c.steps:
+            print(f"warning: the {c.minutes:g}-minute cap stopped this run at step {self.step} of the {c.steps} its "
+                  f"recipe was tuned for (a slower CPU): expect weaker samples, or resume it with "
+                  f"'nanosd train {self.run_dir} --minutes {c.minutes * c.steps / max(self.step, 1):.0f}' to finish")
 
     def run_evaluate(self, log):
         metrics = self.evaluate(self.step, self.ema)

@@ -208,3 +208,15 @@ def test_written_files_take_the_umask_not_a_temporary_files_mode(tmp_path, tiny_
         os.umask(old)
     for name in ("model.safetensors", "train_state.safetensors", "guide.safetensors", "config.toml"):
         assert (run / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_run_says_what_its_budget_bought_and_warns_when_the_cap_cut_it_short(tmp_path, tiny_cfg, image_folder,
+                                                                                 capsys):
+    tiny_cfg.data.name = str(image_folder)
+    train(tiny_cfg, tmp_path / "full", steps=3)
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "images/s" in out and "warning" not in out
+    tiny_cfg.train.steps = 10_000  # a step budget that a 0.01-second cap cuts short, as a slow CPU would
+    train(tiny_cfg, tmp_path / "capped", minutes=0.01 / 60)
+    out = capsys.readouterr().out
+    assert "warning: the" in out and "of the 10000 its recipe was tuned for" in out and "--minutes" in out
