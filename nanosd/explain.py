@@ -111,28 +111,26 @@ def latent_figure(out, run, n=6):
     return out
 
 
-def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
-    """Each prompt token's cross-attention map (averaged over heads, layers and resolutions) at a few sampling
-    steps, over the image they lead to."""
+def attention_maps(pipe, prompt, seed=0):
+    """(image, tokens, [(t, maps)]): the prompt's image and, after each sampling step, every token's
+    cross-attention map (averaged over heads and layers, at the latent size; over the tokens, each pixel's sums
+    to 1), read from the conditional half of the guided batch."""
     import torch.nn.functional as F
 
-    from .pipeline import load
     from .unet import BasicTransformerBlock
 
-    plt = _plt()
-    pipe = load(run)
     text = pipe.conditioner.text if pipe.conditioner else None
     if text is None:
-        raise ValueError(f"explain attention needs a text-conditioned model, and {run} is not one")
+        raise ValueError("explain attention needs a text-conditioned model, and this is not one")
     if not prompt:
         raise ValueError('explain attention needs a prompt: nanosd explain attention RUN "a prompt"')
     layers = [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock) and m.has_context]
     size, maps = pipe.cfg.latent_size, []
 
-    def step(i, t, x, x0):  # average this step's maps (conditional half of the guided batch) over layers
+    def step(i, t, x, x0):  # average this step's maps over layers: the conditional half of the guided batch
         per_layer = []
         for block in layers:
-            w = block.attn2.probe[0][: x.shape[0]]
+            w = block.attn2.probe[0][-x.shape[0]:]  # the batch is [uncond; cond]
             side = int(w.shape[1] ** 0.5)
             per_layer.append(F.interpolate(w.transpose(1, 2).reshape(w.shape[0], -1, side, side), size=(size, size),
                                            mode="bilinear"))
@@ -146,13 +144,23 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
     finally:
         for block in layers:
             block.attn2.probe = None
-    tokens = text.tokenizer.token_strings(prompt)
+    return image, text.tokenizer.token_strings(prompt), maps
+
+
+def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
+    """Each prompt token's cross-attention map at a few sampling steps, over the image they lead to."""
+    import torch.nn.functional as F
+
+    from .pipeline import load
+
+    plt = _plt()
+    image, tokens, maps = attention_maps(load(run), prompt, seed)
     pick = sorted({round(i * (len(maps) - 1) / max(1, n_steps - 1)) for i in range(n_steps)})
     fig, axes = plt.subplots(len(pick), len(tokens) + 1, figsize=(1.3 * (len(tokens) + 1), 1.4 * len(pick)),
                              squeeze=False)
     for r, k in enumerate(pick):
         t, m = maps[k]
-        mass = m[:len(tokens)].sum(0).mean()  # each pixel's attention sums to 1 over the tokens
+        mass = m[:len(tokens)].sum(0).mean()  # the prompt's tokens' (CLIP's padding takes the rest)
         _show(axes[r, 0], image * 2 - 1, "image" if r == 0 else None)
         axes[r, 0].set_ylabel(f"t={t}", fontsize=8)
         for c, tok in enumerate(tokens):
@@ -160,13 +168,13 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
             _show(ax, image * 2 - 1, tok if r == 0 else None)
             heat = F.interpolate(m[c][None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
             # each token on its own scale (as DAAM draws them), or [CLS] would swamp the words; its share of the
-            # attention mass says how much it is looked at
+            # prompt's attention says how much it is looked at
             heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
             ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             ax.text(0.03, 0.03, f"{(m[c].mean() / mass).item():.0%}", transform=ax.transAxes, fontsize=7,
                     color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
-    fig.suptitle(f"cross-attention of '{prompt}': each token's map on its own scale, its share of the attention "
-                 "mass in the corner", fontsize=9)
+    fig.suptitle(f"cross-attention of '{prompt}': each token's map on its own scale, its share of the "
+                 "prompt's attention in the corner", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -187,6 +187,15 @@ def test_tiny_conditioned_run_end_to_end(tmp_path, tiny_cfg, monkeypatch, encode
                  "--out", f"{tmp_path / 'out'}/"]) == 0
     params = Image.open(tmp_path / "out" / "00000.png").text["parameters"].splitlines()
     assert params[0] == prompt and params[1] == "Negative prompt: dog" and "CFG scale: 2.0" in params[2]
+    if encoder != "labels":  # the attention figure reads the prompt's half of the guided batch, not the empty one's
+        from nanosd.explain import attention_maps
+
+        _, tokens, maps = attention_maps(pipe, prompt)
+        assert len(tokens) >= 5 and len(maps) == 5
+        assert all((m.sum(0) - 1).abs().max() < 1e-4 for _, m in maps)  # over every position (CLIP's padding too)
+        shares = torch.stack([m[:len(tokens)].mean((1, 2)) for _, m in maps])  # (steps, tokens)
+        assert (shares[:, 2:] > 1e-3).all()  # the words after "[CLS] a" (the empty prompt has two tokens) are seen
+        assert main(["explain", "attention", str(run), prompt, "--out", str(tmp_path / "att.png")]) == 0
 
 
 def test_bad_prompts_get_one_line_errors(tmp_path, tiny_cfg, capsys, monkeypatch):
