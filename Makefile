@@ -5,8 +5,8 @@ PY ?= python3
 RUN ?= runs/mnist-text
 MINUTES ?= 30
 
-EMOJI_MINUTES ?= 60
-PVL_MINUTES ?= 15
+EMOJI_MINUTES ?= 30
+PVL_MINUTES ?= 10
 
 .PHONY: install demo test bench browser figures
 
@@ -37,5 +37,5 @@ figures: demo
 	nanosd explain forward --out docs/forward.png
 	nanosd train configs/emoji-text.toml --out runs/fig-emoji --minutes $(EMOJI_MINUTES)
 	nanosd generate runs/fig-emoji --prompts configs/emoji-text-prompts.txt --n 8 --seed 0 --out docs/emoji-grid.png
-	$(PY) benchmarks/pixel_vs_latent.py --minutes $(PVL_MINUTES) --n 1000 --out runs/fig-pvl
+	$(PY) benchmarks/pixel_vs_latent.py --minutes $(PVL_MINUTES) --n 500 --out runs/fig-pvl
 	cp runs/fig-pvl/pixel_vs_latent.png docs/pixel-vs-latent.png

@@ -66,11 +66,14 @@ def reverse_figure(out, run, prompt=None, n_show=8, seed=0):
                   callback=lambda i, t, x, x0: frames.append((int(t), x[0], x0[0])))
     pick = sorted(set(round(i * (len(frames) - 1) / (n_show - 1)) for i in range(n_show)))
     fig, axes = plt.subplots(2, len(pick), figsize=(1.4 * len(pick), 3.2), squeeze=False)
-    for c, i in enumerate(pick):
-        t, x, x0 = frames[i]
-        _show(axes[0, c], x, f"t={t}")
-        _show(axes[1, c], x0)
-    axes[0, 0].set_ylabel("x_t", fontsize=9), axes[1, 0].set_ylabel("predicted x_0", fontsize=9)
+    seen = (lambda z: pipe.decode(z[None].float())[0]) if pipe.autoencoder else (lambda x: x)  # latents as images
+    with torch.no_grad():
+        for c, i in enumerate(pick):
+            t, x, x0 = frames[i]
+            _show(axes[0, c], seen(x), f"t={t}")
+            _show(axes[1, c], seen(x0))
+    axes[0, 0].set_ylabel("D(z_t)" if pipe.autoencoder else "x_t", fontsize=9)
+    axes[1, 0].set_ylabel("predicted D(z_0)" if pipe.autoencoder else "predicted x_0", fontsize=9)
     fig.suptitle(f"Reverse process: {pipe.cfg.sample.sampler}, {len(frames)} steps, seed {seed}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
