@@ -97,6 +97,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     trainer.fit()
     if world > 1:
         dist.barrier()  # rank 0's last checkpoint and grid are written before anyone leaves
+        dist.destroy_process_group()  # gloo's threads end here, not in the interpreter's exit (which can abort)
     return run_dir
 
 
