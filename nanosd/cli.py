@@ -172,7 +172,7 @@ def main(argv=None):
         g.add_argument("--steps", type=int)
         g.add_argument("--sampler", help="ddpm, ddim, plms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc "
                                          "(or A1111's names, e.g. 'DPM++ 2M Karras'); default: the model's")
-        g.add_argument("--eta", type=float)
+        g.add_argument("--eta", type=float, help="DDIM's eta (0: deterministic, 1: DDPM-like); other samplers refuse it")
         g.add_argument("--autoguidance", type=float, help="run folders trained with train.guide_at: the step away "
                                                           "from the early weights (1: off; default: the run's)")
         g.add_argument("--seed", type=int)

@@ -170,9 +170,7 @@ class Pipeline:
         defaulting to the model's. `image` (and `mask`) are the spatial condition of a model that concatenates one:
         the image to inpaint and its mask, an edge map, or the low-resolution image to upscale. Seeded as diffusers
         seeds: one generator, drawn from in the order diffusers draws."""
-        if self.conditioner and self.conditioner.cfg.concat == "inpaint":
-            if image is None or mask is None:
-                raise ValueError("this model is conditioned on an image and a mask: give an image and a mask")
+        if self.conditioner and self.conditioner.cfg.concat == "inpaint":  # its image is the one to inpaint
             return self.inpaint(image, mask, prompt, negative_prompt, callback=callback, **fields)
         return self(Request(prompt, negative_prompt, image=image, **fields), callback)
 
@@ -298,8 +296,6 @@ def _ramp(n, overlap, first, last):
     return r
 
 
-
-
 def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None) -> Pipeline:
     """A run folder trained here, a Stable Diffusion v1.x single file (.safetensors, or .ckpt read without
     unpickling code) or a diffusers folder; `vae` replaces the model's autoencoder with another file's.
@@ -309,6 +305,8 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
     path = Path(path)
     if precision not in DTYPES:
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if not path.is_file() and (ema or config is not None):  # never ignored: refused where they mean nothing
+        raise ValueError(f"{'ema=' if ema else 'config='} applies to SD single files, not to the folder {path}")
     if is_run(path):
         if vae is not None:
             raise ValueError("vae= replaces the VAE of Stable Diffusion checkpoints, not of run folders")

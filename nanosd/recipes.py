@@ -1,7 +1,6 @@
 """The recipes the trainer runs: the diffusion loss, and `train()`, which reads as a latent diffusion recipe does:
 the autoencoder phase, the latents, the conditioner, the U-Net. Each phase derives its part of the config from
 the data (channels, classes, the latents' scale) instead of rewriting the caller's."""
-import copy
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -120,7 +119,7 @@ def _open_run(cfg: Config | None, run_dir: Path, minutes, steps) -> Config:
             raise ValueError(f"run folder {run_dir} holds a run of another config: choose a new --out, "
                              f"or resume it with 'nanosd train {run_dir}'")
     budget = {k: v for k, v in (("minutes", minutes), ("steps", steps)) if v is not None}
-    return replace(cfg, train=replace(cfg.train, **budget)) if budget else copy.deepcopy(cfg)
+    return replace(cfg, train=replace(cfg.train, **budget))  # every phase derives with replace: nothing is mutated
 
 
 def autoencoder_phase(cfg: Config, run_dir: Path, data, given, device):

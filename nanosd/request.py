@@ -36,7 +36,8 @@ class Request:
     output: str = "pil"  # pil, tensor (in [0, 1]) or latent
 
     def resolve(self, model) -> "Request":
-        """A copy with every default taken from `model` (a Pipeline) and every field checked against it."""
+        """A copy with every default taken from `model` (a Pipeline) and every field checked against it; resolving
+        a resolved request gives it back unchanged (the server checks at the edge, the pipeline again)."""
         cfg, c = model.cfg, model.conditioner
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
@@ -47,6 +48,9 @@ class Request:
         if self.clip_skip < 1:
             raise ValueError(f"clip_skip must be at least 1 (1: CLIP's last layer), got {self.clip_skip}")
         spec = self.sampler if isinstance(self.sampler, Sampler) else get_sampler(self.sampler or cfg.sample.sampler)
+        if self.eta is not None and "eta" not in spec.options and self.eta != spec.eta:
+            raise ValueError(f"eta {self.eta}: the {spec.a1111} sampler always runs at eta {spec.eta:g}; choose DDIM "
+                             f"for another eta, or give none")
         steps = self.steps or (model.schedule.timesteps if spec.every_step else cfg.sample.steps)
         if not 1 <= steps <= model.schedule.timesteps:
             raise ValueError(f"steps must be between 1 and {model.schedule.timesteps}, got {steps}")
@@ -78,7 +82,7 @@ class Request:
             cfg_scale=(cfg.condition.guidance if self.cfg_scale is None else self.cfg_scale) if prompted else 1.0,
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed,
             height=height, width=width, batch_size=len(prompts) if prompted else self.batch_size,
-            eta=cfg.sample.eta if self.eta is None else self.eta, autoguidance=autoguidance,
+            eta=cfg.sample.eta if self.eta is None and "eta" in spec.options else self.eta, autoguidance=autoguidance,
             overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay)
 
     def _prompts(self, c):

@@ -257,6 +257,7 @@ class Sampler:
     karras: bool = False
     options: tuple = ()  # keyword options of fn (DDIM's eta)
     every_step: bool = False  # by default every timestep of the schedule (DDPM), not sample.steps
+    eta: float = 0.0  # the eta a sampler without the option always runs at (1: ancestral noise at every step)
 
     def __call__(self, model, x, steps, *, generator=None, callback=None, **options):
         return self.fn(model, x, steps, generator=generator, callback=callback,
@@ -304,11 +305,11 @@ class Sampler:
 
 
 SAMPLERS = {s.name: s for s in (
-    Sampler("ddpm", "DDPM", sample_ddpm, "leading", every_step=True),
+    Sampler("ddpm", "DDPM", sample_ddpm, "leading", every_step=True, eta=1.0),
     Sampler("ddim", "DDIM", sample_ddim, "leading", options=("eta",)),
     Sampler("plms", "PLMS", sample_plms, "leading"),
     Sampler("euler", "Euler", sample_euler, "linspace", sigma_family=True),
-    Sampler("euler_a", "Euler a", sample_euler_a, "linspace", sigma_family=True),
+    Sampler("euler_a", "Euler a", sample_euler_a, "linspace", sigma_family=True, eta=1.0),
     Sampler("heun", "Heun", sample_heun, "linspace", sigma_family=True),
     Sampler("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, "multistep"),
     Sampler("dpmpp_2m_karras", "DPM++ 2M Karras", sample_dpmpp_2m, "multistep", karras=True),

@@ -101,12 +101,12 @@ class Server:
     def check(self, r: Txt2Img, kind: str) -> Request:
         """The service's limits, then the pipeline's own validation of the request (the same as the API's and the
         CLI's); anything refused is a 400 naming the field."""
-        lim, f = self.limits, self.pipe.factor
+        lim = self.limits
         size = self.pipe.cfg.data.size
         w, h = (size if v is None else v for v in (r.width, r.height))
         for name, side in (("width", w), ("height", h)):
-            if not self.min_side <= side <= lim.max_side or side % f:
-                raise Refused(f"{name} {side} must be a multiple of {f} from {self.min_side} to {lim.max_side}")
+            if not self.min_side <= side <= lim.max_side:  # the model's factor: Request.resolve checks it
+                raise Refused(f"{name} {side} must be from {self.min_side} to {lim.max_side}")
         if not 1 <= r.steps <= lim.max_steps:
             raise Refused(f"steps {r.steps} must be from 1 to {lim.max_steps}")
         if not 0 <= r.cfg_scale <= lim.max_cfg:

@@ -87,7 +87,7 @@ def test_a1111_requests(served):
     status, out = call(url, "/sdapi/v1/txt2img", {"prompt": "a cat", "negative_prompt": "a dog", "steps": 3,
                                                   "sampler_name": "Euler a", "cfg_scale": 3, "seed": 5, "width": 8,
                                                   "height": 8, "batch_size": 2, "override_settings": {}})
-    assert status == 200 and len(out["images"]) == 2
+    assert status == 200 and len(out["images"]) == 2, out
     im = Image.open(io.BytesIO(base64.b64decode(out["images"][1])))
     assert im.size == (8, 8) and im.text["parameters"].splitlines()[:2] == ["a cat", "Negative prompt: a dog"]
     info = json.loads(out["info"])

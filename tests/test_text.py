@@ -205,7 +205,8 @@ def test_bad_prompts_get_one_line_errors(tmp_path, tiny_cfg, capsys, monkeypatch
     tiny_cfg.condition = ConditionConfig(encoder="clip", clip=CLIPTextConfig(width=32, layers=1, heads=2, max_length=16))
     run = train(tiny_cfg, tmp_path / "run", steps=1)
     capsys.readouterr()  # the training progress
-    for args, words in (([""], "non-empty prompt"), (["cat", "--sampler", "k_lms"], "unknown sampler"), ([], "non-empty prompt")):
+    for args, words in (([""], "non-empty prompt"), (["cat", "--sampler", "k_lms"], "unknown sampler"),
+                        (["cat", "--sampler", "euler", "--eta", "0.5"], "always runs at eta 0"), ([], "non-empty prompt")):
         assert main(["generate", str(run), *args, "--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1

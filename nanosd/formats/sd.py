@@ -109,9 +109,8 @@ def infer(parts: dict, family: Family):
 
 def read(path, dtype=None, ema=False):
     """(family, parts) of a single file, floats cast as read (one copy in memory)."""
-    tensors = read_checkpoint(path, dtype)
-    family = detect(split(tensors, SD1), str(path))
-    return family, split(tensors, family, ema)
+    parts = split(read_checkpoint(path, dtype), SD1, ema)  # a family with other prefixes would split again
+    return detect(parts, str(path)), parts
 
 
 def config(unet_cfg, vae_cfg, text_cfg, scheduler: dict, scale_factor=0.18215, size=512):
