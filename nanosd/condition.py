@@ -16,9 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .text import CLIPTextConfig, TextConditioner
+from .unet import timestep_embedding
 
 ENCODERS = ("minilm", "clip", "labels", "none")
 CONCATS = ("", "inpaint", "edges", "lowres")
+MICRO = {"": 0, "size": 6, "aesthetic": 5}  # SDXL's size ids (original h, w, crop top, left, target h, w); the
+# refiner's (original h, w, crop top, left, aesthetic score)
 
 
 @dataclass
@@ -30,6 +33,10 @@ class ConditionConfig:
     guidance: float = 3.0  # the default guidance scale when sampling
     classes: list[str] = field(default_factory=list)  # labels: the class names (filled in from the data)
     clip: CLIPTextConfig = field(default_factory=lambda: CLIPTextConfig(width=256, layers=4, heads=4, max_length=32))
+    clip2: CLIPTextConfig | None = None  # a second CLIP read beside the first, contexts concatenated (SDXL's bigG)
+    micro: str = ""  # SDXL's micro-conditioning: the pooled text and these ids, embedded, as the U-Net's vector y
+    micro_dim: int = 256  # the sinusoidal embedding width of each id
+    zero_negative: bool = False  # no negative prompt: the unconditional context is zeros (SDXL's diffusers default)
 
     def validate(self):
         if self.encoder not in ENCODERS:
@@ -38,6 +45,8 @@ class ConditionConfig:
             raise ValueError(f"condition.concat {self.concat!r} is unknown: choose one of {', '.join(CONCATS[1:])}")
         if not 0 <= self.drop_prob < 1:
             raise ValueError(f"condition.drop_prob {self.drop_prob} must be in [0, 1)")
+        if self.micro not in MICRO:
+            raise ValueError(f"condition.micro {self.micro!r} is unknown: choose size or aesthetic (or none)")
 
 
 class Conditioner(nn.Module):
@@ -47,10 +56,15 @@ class Conditioner(nn.Module):
         super().__init__()
         self.cfg, self.classes = cfg, cfg.classes
         # the tokenizer and encoder, outside state_dict: a frozen pretrained encoder is not saved with each run
+        tokenizer, tokenizer_2 = tokenizer if isinstance(tokenizer, tuple) else (tokenizer, None)
         text = TextConditioner(cfg.encoder, cfg.clip, tokenizer) if cfg.encoder in ("minilm", "clip") else None
+        text2 = TextConditioner("clip", cfg.clip2, tokenizer_2) if cfg.clip2 else None
         object.__setattr__(self, "text", text)
+        object.__setattr__(self, "text2", text2)
         if cfg.encoder == "clip":
             self.text_encoder = text.model  # trained here: it learns and saves with the U-Net
+        if text2:
+            self.text_encoder_2 = text2.model
         self.bind(lambda x, generator=None: x)
 
     def bind(self, to_model_space):
@@ -66,8 +80,11 @@ class Conditioner(nn.Module):
         """What the U-Net needs to read this condition."""
         c = self.cfg
         concat = {"": 0, "inpaint": 1 + model_channels, "edges": 1, "lowres": image_channels}[c.concat]
+        pooled = (c.clip2 or c.clip).projection if c.encoder == "clip" else self.text.width if self.text else 0
         return {"num_classes": len(self.classes) + 1 if c.encoder == "labels" else None,
-                "context_dim": self.text.width if self.text else None, "cond_channels": concat}
+                "context_dim": (self.text.width + (self.text2.width if self.text2 else 0)) if self.text else None,
+                "adm_in_channels": pooled + MICRO[c.micro] * c.micro_dim if c.micro else None,
+                "cond_channels": concat}
 
     def derive(self, pixels, g):
         """Training: the condition image the data gives (the image and a random mask, its edges, or it smaller)."""
@@ -104,14 +121,31 @@ class Conditioner(nn.Module):
                 if n > limit:
                     raise ValueError(f"prompt is {n} tokens long, over this model's {limit}: shorten it")
 
-    def forward(self, prompts: list[str], clip_skip: int = 1) -> dict:
+    def forward(self, prompts: list, clip_skip: int = 1, micro: torch.Tensor | None = None) -> dict:
+        """The U-Net's inputs for prompts ("" or None: none; None is zeros where cfg.zero_negative) and, for a
+        micro-conditioned model, its ids (B, n) (sizes in pixels, the aesthetic score)."""
+        c = self.cfg
         if not self.prompted:
             return {}
-        if self.cfg.encoder == "labels":
+        if c.encoder == "labels":
             null = len(self.classes)
             return {"y": torch.tensor([self.classes.index(p) if p else null for p in prompts])}
-        context, mask = self.text(prompts, clip_skip) if self.cfg.encoder == "clip" else self.text(prompts)
-        return {"context": context, "context_mask": mask}
+        texts = [p or "" for p in prompts]
+        context, mask, pooled = self.text(texts, clip_skip) if c.encoder == "clip" else self.text(texts)
+        if self.text2:
+            context2, _, pooled = self.text2(texts, clip_skip)
+            context = torch.cat([context, context2], -1)
+        if c.zero_negative:
+            keep = torch.tensor([p is not None for p in prompts], dtype=context.dtype)
+            context = context * keep[:, None, None].to(context.device)
+            pooled = pooled * keep[:, None].to(pooled.device) if pooled is not None else None
+        out = {"context": context, "context_mask": mask}
+        if c.micro:
+            if micro is None or micro.shape != (len(prompts), MICRO[c.micro]):
+                raise ValueError(f"this model is conditioned on {MICRO[c.micro]} {c.micro} ids per image: give them")
+            ids = timestep_embedding(micro.flatten().to(pooled.device), c.micro_dim).reshape(len(prompts), -1)
+            out["y"] = torch.cat([pooled, ids.to(pooled.dtype)], -1)
+        return out
 
     def training_prompts(self, captions: list[list[str]], labels, g: torch.Generator) -> list[str]:
         """One phrasing per sample (class names for labels), dropped to "" with probability drop_prob."""

@@ -30,12 +30,17 @@ class DiffusionConfig:
     beta_end: float = 0.0  # 0: the schedule's own (0.02 linear, 0.012 scaled_linear)
     steps_offset: int = 0  # added to leading-spaced timesteps (1 in SD v1's scheduler config)
     set_alpha_to_one: bool = True  # alpha-bar after the last step: 1, or alpha-bar_0 (SD v1: false)
+    timestep_spacing: str = ""  # "": each sampler's diffusers default; leading, linspace or trailing for every sampler
+    zero_snr: bool = False  # betas rescaled to zero terminal SNR (diffusers' rescale_betas_zero_snr)
 
     def validate(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"diffusion.schedule {self.schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"diffusion.prediction {self.prediction!r} is unknown: choose one of {', '.join(PREDICTIONS)}")
+        if self.timestep_spacing not in ("", "leading", "linspace", "trailing"):
+            raise ValueError(f"diffusion.timestep_spacing {self.timestep_spacing!r} is unknown: choose leading, "
+                             "linspace or trailing (or none: each sampler's default)")
         if self.loss_weighting not in ("none", "min_snr"):
             raise ValueError(f"diffusion.loss_weighting {self.loss_weighting!r} is unknown: choose none or min_snr")
 

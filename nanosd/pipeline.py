@@ -1,4 +1,5 @@
 """`load()` a model and generate images: request -> noise -> sampler(denoiser, steps) -> decoder -> image."""
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ class Pipeline:
     the models trained here and for Stable Diffusion checkpoints (`family` says which SD family, None for runs)."""
 
     def __init__(self, unet: UNet, schedule: Schedule, cfg: Config, autoencoder=None, conditioner=None,
-                 precision="fp32", guide: UNet | None = None, family: sd.Family | None = None):
-        self.unet, self.schedule, self.cfg, self.family = unet.eval(), schedule, cfg, family
+                 precision="fp32", guide: UNet | None = None, layout: sd.Family | None = None):
+        self.unet, self.schedule, self.cfg, self.layout = unet.eval(), schedule, cfg, layout
         self.guide = guide.eval() if guide is not None else None
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.conditioner = conditioner.eval() if conditioner is not None else None
@@ -35,7 +36,7 @@ class Pipeline:
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
         if precision == "bf16":  # weights in bf16 (half the memory, AMX matmuls); the sampler's arithmetic stays fp32
-            for m in (self.unet, self.guide, self.autoencoder, self.text_encoder):
+            for m in (self.unet, self.guide, self.autoencoder, self.text_encoder, self.text_encoder_2):
                 if m is not None:  # oneDNN's bf16 convolutions want channels-last
                     m.to(torch.bfloat16, memory_format=torch.channels_last)
         self.progress = False  # a tqdm bar over the sampler's steps (the CLI turns it on)
@@ -52,6 +53,12 @@ class Pipeline:
     vae = property(lambda self: self.autoencoder)
     text_encoder = property(lambda self: self.conditioner.text.model if self.conditioner and self.conditioner.text else None)
     tokenizer = property(lambda self: self.conditioner.text.tokenizer if self.conditioner and self.conditioner.text else None)
+    text_encoder_2 = property(lambda self: self.conditioner.text2.model if self.conditioner and self.conditioner.text2 else None)
+
+    @property
+    def family(self):
+        """The Stable Diffusion family ("sd1", "sd2", "sdxl", "sdxl-refiner"), or None for a model trained here."""
+        return self.layout.name if self.layout else None
 
     # what kind of model this is
     @property
@@ -68,10 +75,11 @@ class Pipeline:
         return self.conditioner is not None and self.conditioner.prompted
 
     def state_dict(self) -> dict:
-        """The weights in the original SD single-file layout (model.diffusion_model.*, first_stage_model.*,
-        cond_stage_model.transformer.text_model.*)."""
-        parts = {"unet": self.unet, "vae": self.autoencoder, "text_encoder": self.text_encoder}
-        return sd.join({name: m.state_dict() for name, m in parts.items() if m is not None}, self.family or sd.SD1)
+        """The weights in the family's original single-file layout (model.diffusion_model.*, first_stage_model.*,
+        and its text encoders' prefixes)."""
+        parts = {"unet": self.unet, "vae": self.autoencoder, "text_encoder": self.text_encoder,
+                 "text_encoder_2": self.text_encoder_2}
+        return sd.join({name: m.state_dict() for name, m in parts.items() if m is not None}, self.layout or sd.SD1)
 
     def grid_prompts(self, n):
         """n prompts for a grid: the config's sample.prompts, each for consecutive images (None if unconditioned)."""
@@ -85,17 +93,19 @@ class Pipeline:
         z = z.float().cpu()
         if self.autoencoder is None:
             return (z / 2 + 0.5).clamp(0, 1)
-        if self.family is not None and self.family.latent_rgb:
-            rgb = torch.einsum("chw,cr->rhw", z / self.cfg.diffusion.scale_factor, torch.tensor(self.family.latent_rgb))
+        if self.layout is not None and self.layout.latent_rgb:
+            rgb = torch.einsum("chw,cr->rhw", z / self.cfg.diffusion.scale_factor, torch.tensor(self.layout.latent_rgb))
             return ((rgb + 1) / 2).clamp(0, 1)
         return (self.decode(z[None])[0].float().cpu() / 2 + 0.5).clamp(0, 1)
 
-    def denoiser(self, cond=None, uncond=None, scale=1.0, autoguidance=1.0):
+    def denoiser(self, cond=None, uncond=None, scale=1.0, autoguidance=1.0, rescale=0.0):
         """model(x, t) -> eps, whatever the U-Net was trained to predict. With a condition and scale != 1,
         classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond), both in one batch [uncond; cond]
         as diffusers runs it (eps, v and x_0 are linear in each other at fixed x_t, so guiding the raw output is
         guiding eps). Autoguidance is the same step away from a weaker model: out = guide + w (out - guide).
-        With sample.clip_x0 (pixel models), the predicted x_0 is clipped to [-1, 1]."""
+        `rescale` (diffusers' guidance_rescale, Lin et al. 2023 eq. 16) brings the guided output's standard deviation
+        back toward the conditional one's. With sample.clip_x0 (pixel models), the predicted x_0 is clipped to
+        [-1, 1]."""
         pred, s = self.cfg.diffusion.prediction, self.schedule
         guided = cond is not None and scale != 1.0
         if guided:
@@ -113,6 +123,10 @@ class Pipeline:
             if guided:
                 u, c = unet(torch.cat([x, x]), torch.cat([t, t]), **cond).chunk(2)
                 out = u + scale * (c - u)
+                if rescale:
+                    dims = list(range(1, out.ndim))
+                    rescaled = out * (c.std(dims, keepdim=True) / out.std(dims, keepdim=True))
+                    out = rescale * rescaled + (1 - rescale) * out
             else:
                 out = unet(x, t, **(cond or {}))
             if not self.cfg.sample.clip_x0:
@@ -127,8 +141,15 @@ class Pipeline:
         if not self.prompted:
             return ({}, {}) if self.conditioner else (None, None)
         n = len(r.prompt)
+        micro = None
+        if self.conditioner.cfg.micro:  # SDXL's ids: the same sizes for both halves; the refiner's scores differ
+            ids = [*r.original_size, *r.crops_coords_top_left]
+            ids = [ids + [*r.target_size]] * 2 if self.conditioner.cfg.micro == "size" else \
+                [ids + [r.aesthetic_score], ids + [r.negative_aesthetic_score]]
+            micro = torch.tensor([ids[0]] * n + [ids[1]] * n, dtype=torch.float32)
         both = {k: v.float() if v.is_floating_point() else v
-                for k, v in self.conditioner(r.prompt + r.negative_prompt, r.clip_skip).items() if v is not None}
+                for k, v in self.conditioner(r.prompt + r.negative_prompt, r.clip_skip, micro).items()
+                if v is not None}
         return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
 
     def _image(self, image, size, what, channels=None):
@@ -238,7 +259,8 @@ class Pipeline:
                 bar.refresh()
                 return out
 
-            z = spec(self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance), x.to(device), sched, generator=g,
+            z = spec(self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale), x.to(device), sched,
+                     generator=g,
                      callback=progress, eta=r.eta)
         if r.output == "latent":
             return Generation(z, r)
@@ -296,34 +318,48 @@ def _ramp(n, overlap, first, last):
     return r
 
 
-def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None) -> Pipeline:
-    """A run folder trained here, a Stable Diffusion v1.x single file (.safetensors, or .ckpt read without
-    unpickling code) or a diffusers folder; `vae` replaces the model's autoencoder with another file's.
-    A single file's architecture is inferred from its shapes, or read from `config` (a diffusers folder's config
-    files, as diffusers' from_single_file takes them). ema=True takes a single file's EMA U-Net.
-    compile=True compiles the U-Net (torch.compile; the first image pays for it)."""
+def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None, family=None,
+         prediction=None) -> Pipeline:
+    """A run folder trained here, a Stable Diffusion single file (.safetensors, or .ckpt read without unpickling
+    code) of any family nanosd knows, or a diffusers folder; `vae` replaces the model's autoencoder with another
+    file's. A single file's family and architecture are told from its keys and shapes (`family=` checks it), or
+    read from `config` (a diffusers folder's config files, as diffusers' from_single_file takes them); a file cannot
+    say whether it predicts eps or v: `prediction=` ("eps", "v") says so (SD 2.x's 768-v models), else eps is
+    assumed and said. ema=True takes a single file's EMA U-Net. compile=True compiles the U-Net (torch.compile;
+    the first image pays for it)."""
     path = Path(path)
     if precision not in DTYPES:
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     if not path.is_file() and (ema or config is not None):  # never ignored: refused where they mean nothing
         raise ValueError(f"{'ema=' if ema else 'config='} applies to SD single files, not to the folder {path}")
+    if family is not None and family not in sd.FAMILIES:
+        raise ValueError(f"unknown family {family!r}: nanosd has {', '.join(sd.FAMILIES)}")
+    if prediction not in (None, "eps", "v"):
+        raise ValueError(f"prediction must be eps or v, got {prediction!r}")
     if is_run(path):
-        if vae is not None:
-            raise ValueError("vae= replaces the VAE of Stable Diffusion checkpoints, not of run folders")
+        if vae is not None or family is not None or prediction is not None:
+            raise ValueError("vae=, family= and prediction= apply to Stable Diffusion checkpoints, not to run folders")
         cfg, model, ae, guide = load_run(path)
         pipe = Pipeline.of(model, Schedule.of(cfg.diffusion), cfg, ae, precision, guide)
     elif path.is_dir() and (path / "unet").is_dir():
-        archs, scheduler, scale, size = diffusers.configs(path)
-        pipe = build(sd.config(*archs, scheduler, scale, size), diffusers.read(path, archs, DTYPES[precision]),
-                     str(path), sd.SD1, _tokenizer(path), precision)
+        archs, scheduler, scale, size, found = diffusers.configs(path)
+        _check_family(found, family, path)
+        cfg = sd.config(*archs, _predicting(scheduler, prediction), scale, size, found)
+        pipe = build(cfg, diffusers.read(path, archs, DTYPES[precision], found), str(path), found,
+                     _tokenizers(path, found), precision)
     elif path.is_file():
-        family, parts = sd.read(path, DTYPES[precision], ema)  # cast as read: one copy in memory
+        found, parts = sd.read(path, DTYPES[precision], ema)  # cast as read: one copy in memory
+        _check_family(found, family, path)
         if config is None:
-            cfg, tokenizer = sd.config(*sd.infer(parts, family), {}), None
+            if prediction is None and found.name == "sd2":
+                warnings.warn(f"{path.name}: an SD 2.x file does not say what it predicts; eps assumed (512 px "
+                              "models). For 768-v models pass prediction='v' (--prediction v)", stacklevel=2)
+            cfg, tokenizers = sd.config(*sd.infer(parts, found), _predicting({}, prediction), family=found), None
         else:
-            archs, scheduler, scale, size = diffusers.configs(Path(config))
-            cfg, tokenizer = sd.config(*archs, scheduler, scale, size), _tokenizer(Path(config))
-        pipe = build(cfg, parts, str(path), family, tokenizer, precision)
+            archs, scheduler, scale, size, _ = diffusers.configs(Path(config))
+            cfg = sd.config(*archs, _predicting(scheduler, prediction), scale, size, found)
+            tokenizers = _tokenizers(Path(config), found)
+        pipe = build(cfg, parts, str(path), found, tokenizers, precision)
     elif path.is_dir():
         raise FileNotFoundError(f"{path} is neither a run folder (config.toml) nor a diffusers folder (unet/, vae/, ...)")
     else:
@@ -335,7 +371,18 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
     return pipe
 
 
-def build(cfg: Config, parts: dict, where: str, family=sd.SD1, tokenizer=None, precision="fp32") -> Pipeline:
+def _check_family(found, family, path):
+    if family is not None and family != found.name:
+        raise ValueError(f"{path} is an {found.name} model, not {family}: load it without family= or with "
+                         f"family={found.name!r}")
+
+
+def _predicting(scheduler: dict, prediction):
+    return {**scheduler, "prediction_type": {"eps": "epsilon", "v": "v_prediction"}[prediction]} if prediction \
+        else scheduler
+
+
+def build(cfg: Config, parts: dict, where: str, layout=sd.SD1, tokenizers=None, precision="fp32") -> Pipeline:
     """An SD pipeline: the models of `cfg` built on the meta device, then given the checkpoint's tensors (our
     names, by part) with no random init."""
     from .autoencoder import Autoencoder
@@ -343,20 +390,24 @@ def build(cfg: Config, parts: dict, where: str, family=sd.SD1, tokenizer=None, p
     dtype = DTYPES[precision]
     with torch.device("meta"):
         unet, ae = UNet(cfg.unet), Autoencoder(cfg.autoencoder)
-        conditioner = Conditioner(cfg.condition, tokenizer)
+        conditioner = Conditioner(cfg.condition, tokenizers)
     # popped: the models then hold the only reference, so converting them (channels-last for bf16) frees as it goes
     load_into(unet, parts.pop("unet"), f"{where}: the U-Net", assign=True, dtype=dtype)
     load_into(ae, diffusers.fit_shapes(ae, parts.pop("vae")), f"{where}: the VAE", assign=True, dtype=dtype)
-    load_into(conditioner.text_encoder, parts.pop("text_encoder"), f"{where}: the text encoder", assign=True,
-              dtype=dtype)
+    for part in layout.texts:
+        load_into(getattr(conditioner, part), parts.pop(part), f"{where}: the {part.replace('_', ' ')}",
+                  assign=True, dtype=dtype)
     return Pipeline(unet, Schedule.of(cfg.diffusion), cfg, ae, bind_conditioner(conditioner, ae, cfg), precision,
-                    family=family)
+                    layout=layout)
 
 
-def _tokenizer(folder: Path):
+def _tokenizers(folder: Path, family: sd.Family):
+    """The folder's tokenizers for our text parts (None where it has none: the CLIP vocabulary's own)."""
     from .text import CLIPTokenizer
 
-    return CLIPTokenizer.from_folder(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
+    subs = [sub.replace("text_encoder", "tokenizer") for sub in diffusers.text_folders(family).values()]
+    found = [CLIPTokenizer.from_folder(folder / sub) if (folder / sub).is_dir() else None for sub in subs]
+    return tuple(found + [None])[:2]
 
 
 def replace_vae(pipe: Pipeline, path):
@@ -368,7 +419,7 @@ def replace_vae(pipe: Pipeline, path):
         if not files:
             raise FileNotFoundError(f"VAE folder {path} has no .safetensors weights")
         path = files[0]
-    tensors = sd.vae_tensors(read_checkpoint(path), pipe.family or sd.SD1)
+    tensors = sd.vae_tensors(read_checkpoint(path), pipe.layout or sd.SD1)
     back = {theirs: ours for ours, theirs in diffusers.names("vae", pipe.autoencoder).items()}
     tensors = {back.get(k, k): v for k, v in tensors.items()}
     load_into(pipe.autoencoder, {k: v.float() for k, v in diffusers.fit_shapes(pipe.autoencoder, tensors).items()},

@@ -34,6 +34,13 @@ class Request:
     overlay: bool | None = None  # inpainting: paste the original pixels back outside the hole (None: the model's)
     latents: torch.Tensor | None = None  # the starting noise, instead of drawing it
     output: str = "pil"  # pil, tensor (in [0, 1]) or latent
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (for zero-terminal-SNR fine-tunes; 0.7 is typical)
+    # SDXL's micro-conditioning (diffusers' names; None: the requested size, no crop): (height, width) and (top, left)
+    original_size: tuple | None = None
+    crops_coords_top_left: tuple | None = None
+    target_size: tuple | None = None
+    aesthetic_score: float | None = None  # the SDXL refiner's (None: 6.0) and its unconditional branch's (None: 2.5)
+    negative_aesthetic_score: float | None = None
 
     def resolve(self, model) -> "Request":
         """A copy with every default taken from `model` (a Pipeline) and every field checked against it; resolving
@@ -69,6 +76,22 @@ class Request:
             raise ValueError("this model was trained without a spatial condition: give no image or mask")
         if self.mask is not None and self.init is None:
             raise ValueError("a mask needs the image it covers: give an image too (inpaint)")
+        if model.family == "sdxl-refiner" and self.init is None:
+            raise ValueError("the SDXL refiner refines an image, it does not draw one from noise: give it an image "
+                             "(img2img, strength about 0.3), or load an SDXL base model for text-to-image")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        micro = c.cfg.micro if c else ""
+        takes = {"size": ("original_size", "crops_coords_top_left", "target_size"),
+                 "aesthetic": ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score")}
+        for name in ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                     "negative_aesthetic_score"):
+            value = getattr(self, name)
+            if value is not None and name not in takes.get(micro, ()):
+                raise ValueError(f"{name}: this model is not conditioned on it (SDXL {'refiner' if 'aesthetic' in name else 'base'} "
+                                 "models are): give none")
+            if value is not None and not name.endswith("score") and len(value) != 2:
+                raise ValueError(f"{name} must be two numbers, got {value}")
         # the size: as asked, else the init image's, else the model's own
         init = self.init
         default = (init.size[1], init.size[0]) if isinstance(init, Image.Image) else \
@@ -83,7 +106,13 @@ class Request:
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed,
             height=height, width=width, batch_size=len(prompts) if prompted else self.batch_size,
             eta=cfg.sample.eta if self.eta is None and "eta" in spec.options else self.eta, autoguidance=autoguidance,
-            overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay)
+            overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay,
+            **({"original_size": tuple(self.original_size or (height, width)),
+                "crops_coords_top_left": tuple(self.crops_coords_top_left or (0, 0))} if micro else {}),
+            **({"target_size": tuple(self.target_size or (height, width))} if micro == "size" else {}),
+            **({"aesthetic_score": 6.0 if self.aesthetic_score is None else self.aesthetic_score,
+                "negative_aesthetic_score": 2.5 if self.negative_aesthetic_score is None
+                else self.negative_aesthetic_score} if micro == "aesthetic" else {}))
 
     def _prompts(self, c):
         """(prompts, negatives), one each per image, or (None, None) for a model that takes none."""
@@ -96,8 +125,9 @@ class Request:
             raise ValueError("this model is conditioned: give a non-empty prompt"
                              + (f" (one of: {', '.join(c.classes)})" if c.classes else ""))
         prompts = [prompt] * self.batch_size if isinstance(prompt, str) else list(prompt)
-        negatives = self.negative_prompt or ""
-        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        # None: no negative prompt given (SDXL's unconditional branch is then zeros; others encode "")
+        negatives = self.negative_prompt if self.negative_prompt is not None else None if c.cfg.zero_negative else ""
+        negatives = list(negatives) if isinstance(negatives, (list, tuple)) else [negatives] * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one each")
         c.check(prompts + negatives)
@@ -117,6 +147,7 @@ class Request:
         settings = {"Steps": self.steps, "Sampler": self.sampler.a1111,
                     **({"CFG scale": self.cfg_scale} if self.guided else {}),
                     **({"Autoguidance": self.autoguidance} if self.autoguidance != 1.0 else {}),
+                    **({"Guidance rescale": self.guidance_rescale} if self.guidance_rescale else {}),
                     "Seed": self.seed, **({"Clip skip": self.clip_skip} if self.clip_skip != 1 else {}),
                     **({"Denoising strength": self.strength} if self.init is not None and self.strength < 1 else {}),
                     "Size": f"{self.width}x{self.height}", **({"Model": model} if model else {})}

@@ -14,6 +14,7 @@ unmasked part). Each sampler reproduces the diffusers scheduler of its family, t
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .schedule import Schedule
@@ -24,13 +25,14 @@ class Steps:
     t: torch.Tensor  # (n,) the timesteps the model sees (float)
     sigma: torch.Tensor  # (n + 1,) sigma at each step and after the last (float32)
     ab: torch.Tensor  # (n + 1,) alpha-bar at each step and after the last
+    init: float | None = None  # sigma samplers: the scale of the starting noise (None: sigma at the first step)
 
     def __len__(self):
         return len(self.t)
 
     def __getitem__(self, s: slice):
         """The steps from s.start on (img2img begins part-way down the schedule)."""
-        return Steps(self.t[s], self.sigma[s.start:], self.ab[s.start:])
+        return Steps(self.t[s], self.sigma[s.start:], self.ab[s.start:], self.init)
 
 
 def _interp_steps(schedule: Schedule, t: torch.Tensor, final_sigma=0.0):
@@ -264,19 +266,11 @@ class Sampler:
                        **{k: v for k, v in options.items() if k in self.options and v is not None})
 
     def steps(self, schedule: Schedule, n: int) -> Steps:
-        """The n steps this sampler takes, with the timesteps diffusers' scheduler of its family uses by default."""
+        """The n steps this sampler takes, with the timesteps diffusers' scheduler of its family takes: its own
+        default spacing, or the one the model's scheduler config sets for all (schedule.spacing)."""
         T = schedule.timesteps
         if not 1 <= n <= T:
             raise ValueError(f"steps must be between 1 and {T}, got {n}")
-        if self.spacing == "leading":  # DDPM/DDIM/PNDM: every T//n-th step, shifted by steps_offset (1 in SD)
-            t = torch.arange(n - 1, -1, -1) * (T // n) + schedule.steps_offset
-            after = t[-1].item() - T // n  # alpha-bar after the last step: there, or the schedule's final value (DDPM: 1)
-            final = 1.0 if self.every_step else (
-                schedule.alphas_cumprod[after].item() if after >= 0 else schedule.final_alpha_cumprod)
-            ab = torch.cat([schedule.alphas_cumprod[t], torch.tensor([final])])
-            return Steps(t.float(), ((1 - ab) / ab) ** 0.5, ab)
-        if self.spacing == "linspace":  # Euler/Heun: n fractional timesteps from T-1 down to 0
-            return _interp_steps(schedule, torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0))
         if self.karras:  # Karras et al.'s rho = 7 spacing of sigma, each mapped back to a rounded timestep
             smin, smax = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
             ramp = torch.linspace(0, 1, n, dtype=torch.float64)
@@ -284,13 +278,32 @@ class Sampler:
             t = schedule.t_at(sigma).round()
             sigma = torch.cat([sigma.float(), torch.zeros(1)])
             return Steps(t.float(), sigma, 1 / (1 + sigma.double() ** 2))
-        # DPM-Solver/UniPC: n + 1 points from 0 to T-1, rounded, the last (0) dropped
-        return _interp_steps(schedule, torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1])
+        multistep = self.spacing == "multistep"  # DPM-Solver/UniPC: n + 1 points, the last (0) dropped
+        spacing = schedule.spacing or ("linspace" if multistep else self.spacing)
+        m = n + 1 if multistep and spacing != "trailing" else n
+        if spacing == "leading":  # every T//m-th step, shifted by steps_offset (1 in SD)
+            t = np.arange(m - 1, m - 1 - n, -1) * (T // m) + schedule.steps_offset
+        elif spacing == "linspace":
+            t = np.linspace(0, T - 1, m)[::-1][:n]
+            t = t if self.sigma_family else t.round()  # Euler-like samplers take fractional timesteps
+        else:  # trailing: from T - 1 down, as zero-terminal-SNR models want
+            t = np.round(np.arange(T, 0, -T / n)) - 1
+        t = torch.tensor(t.copy(), dtype=torch.float64)
+        if self.spacing == "leading":  # alpha-bar samplers: after the last step, one stride lower (DDPM: clean)
+            after = int(t[-1].item()) - T // n
+            final = 1.0 if self.every_step else (
+                schedule.alphas_cumprod[after].item() if after >= 0 else schedule.final_alpha_cumprod)
+            ab = torch.cat([schedule.alphas_cumprod[t.long()], torch.tensor([final])])
+            return Steps(t.float(), ((1 - ab) / ab) ** 0.5, ab)
+        steps = _interp_steps(schedule, t)
+        if self.sigma_family and spacing == "leading":  # diffusers' init_noise_sigma for this spacing
+            steps.init = (steps.sigma.max().item() ** 2 + 1) ** 0.5
+        return steps
 
     def start(self, steps: Steps, noise: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The first x: pure noise at the sampler's scale, or x_0 noised to the first step (img2img)."""
         if x0 is None:  # diffusers' init_noise_sigma: sigma_max for Euler-like samplers, 1 for the others
-            return noise * steps.sigma.max() if self.sigma_family else noise
+            return noise * (steps.init or steps.sigma.max()) if self.sigma_family else noise
         return self.noised(steps, x0, noise, 0)
 
     def noised(self, steps: Steps, x0, noise, i):

@@ -25,20 +25,35 @@ def make_betas(name: str, timesteps: int = 1000, beta_start: float | None = None
     raise ValueError(f"unknown beta schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
 
 
+def zero_terminal_snr(betas):
+    """Betas rescaled so that the last step is pure noise (Lin et al. 2023, Algorithm 1): sqrt(ab) shifted to 0 at
+    the end and stretched to keep its start."""
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    ab = root**2
+    return 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+
+
 class Schedule:
     def __init__(self, name="linear", timesteps=1000, beta_start=None, beta_end=None, final_alpha_cumprod=1.0,
-                 steps_offset=0):
+                 steps_offset=0, spacing="", zero_snr=False):
         self.name, self.timesteps, self.steps_offset = name, timesteps, steps_offset
+        self.spacing = spacing  # "": each sampler's own default; leading, linspace or trailing for all
         self.betas = make_betas(name, timesteps, beta_start, beta_end)
+        if zero_snr:
+            self.betas = zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if zero_snr:  # sigma would be infinite at the last step: diffusers' (and A1111's) tiny alpha-bar instead
+            self.alphas_cumprod[-1] = 2.0**-24
         # alpha-bar "after" the last step: 1 (clean data), or alpha-bar_0 as SD's set_alpha_to_one=False has it
         self.final_alpha_cumprod = float(final_alpha_cumprod)
 
     @classmethod
     def of(cls, c) -> "Schedule":
         """From a DiffusionConfig."""
-        s = cls(c.schedule, c.timesteps, c.beta_start or None, c.beta_end or None, steps_offset=c.steps_offset)
+        s = cls(c.schedule, c.timesteps, c.beta_start or None, c.beta_end or None, steps_offset=c.steps_offset,
+                spacing=c.timestep_spacing, zero_snr=c.zero_snr)
         s.final_alpha_cumprod = 1.0 if c.set_alpha_to_one else s.alphas_cumprod[0].item()
         return s
 

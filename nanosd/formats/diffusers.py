@@ -1,5 +1,6 @@
 """diffusers folders: the configs that describe the architecture, and the renaming of our (the original
 checkpoint's) parameter names to diffusers' module names, spelled out once in `names` and used both ways."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..io import atomic_path, read_checkpoint
+from . import sd
 
 
 def _rename(key, rules, inner=()):
@@ -25,6 +27,7 @@ def names(kind: str, model) -> dict:
         c = model.cfg
         levels, nrb = len(c.channel_mult), c.num_res_blocks
         rules += [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+                  ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
                   ("label_emb.", "class_embedding."), ("input_blocks.0.0.", "conv_in."),
                   ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
                   ("middle_block.2.", "mid_block.resnets.1."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
@@ -62,9 +65,25 @@ def names(kind: str, model) -> dict:
     return {k: _rename(k, rules, inner) for k in model.state_dict()}
 
 
+def text_folders(family: sd.Family) -> dict:
+    """Our text parts -> the folders diffusers keeps them in (the refiner has only the second encoder)."""
+    return {"text_encoder": "text_encoder_2"} if family.name == "sdxl-refiner" else \
+        {p: p for p in family.texts}
+
+
+def family_of(folder: Path, index: dict, unet: dict, texts: dict) -> sd.Family:
+    """A folder's family: SDXL by its second text encoder, SD 2.x by OpenCLIP's GELU, else SD 1.x."""
+    if "text_encoder_2" in texts:
+        family = sd.SDXL if "text_encoder" in texts else sd.SDXL_REFINER
+        return dataclasses.replace(family, zero_negative=index.get("force_zeros_for_empty_prompt", family.zero_negative))
+    if unet.get("addition_embed_type") or unet.get("class_embed_type") or isinstance(unet.get("cross_attention_dim"), list):
+        raise ValueError(f"{folder}/unet has added embeddings without SDXL's second text encoder: {sd.SUPPORTED}")
+    return sd.SD2 if texts["text_encoder"].get("hidden_act") == "gelu" else sd.SD1
+
+
 def configs(folder: Path):
-    """The architecture a diffusers folder's config files describe: (unet, vae, text) configs, the scheduler's
-    settings, the VAE's scale factor and the default image size."""
+    """The architecture a diffusers folder's config files describe: (unet, vae, text, text_2) configs, the
+    scheduler's settings, the VAE's scale factor, the default image size and the family."""
     from ..autoencoder import AutoencoderConfig
     from ..text import CLIPTextConfig
     from ..unet import UNetConfig
@@ -75,33 +94,51 @@ def configs(folder: Path):
             raise FileNotFoundError(f"diffusers folder {folder} has no {sub}/{name}")
         return json.loads(f.read_text())
 
-    uc, vc, tc = config("unet"), config("vae"), config("text_encoder")
-    if uc.get("use_linear_projection") or uc.get("addition_embed_type") or uc.get("class_embed_type") or \
-            isinstance(uc.get("cross_attention_dim"), list):
-        raise ValueError(f"{folder}/unet is not an SD v1-style U-Net (linear projections or added embeddings): "
-                         "nanosd loads SD v1.x")
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    uc, vc = config("unet"), config("vae")
+    texts = {sub: config(sub) for sub in ("text_encoder", "text_encoder_2") if (folder / sub).is_dir()}
+    if not texts:
+        raise FileNotFoundError(f"diffusers folder {folder} has no text_encoder/")
+    family = family_of(folder, index, uc, texts)
     boc, types = uc["block_out_channels"], uc["down_block_types"]
     heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)
+    depth = uc.get("transformer_layers_per_block", 1) or 1
     unet = UNetConfig(in_channels=uc.get("out_channels", 4), cond_channels=uc["in_channels"] - uc.get("out_channels", 4),
                       model_channels=boc[0], channel_mult=[c // boc[0] for c in boc],
                       num_res_blocks=uc.get("layers_per_block", 2),
                       attention_levels=[i for i, name in enumerate(types) if name.startswith("CrossAttn")],
                       num_heads=list(heads) if isinstance(heads, (list, tuple)) else heads,
-                      transformer_depth=uc.get("transformer_layers_per_block", 1) or 1,
-                      context_dim=uc.get("cross_attention_dim", 768), norm_groups=uc.get("norm_num_groups", 32))
+                      transformer_depth=list(depth) if isinstance(depth, (list, tuple)) else depth,
+                      context_dim=uc.get("cross_attention_dim", 768), norm_groups=uc.get("norm_num_groups", 32),
+                      linear_proj=uc.get("use_linear_projection", False),
+                      adm_in_channels=uc.get("projection_class_embeddings_input_dim") if family.micro else None)
     vb = vc["block_out_channels"]
     vae = AutoencoderConfig(in_channels=vc.get("in_channels", 3), ch=vb[0], ch_mult=[c // vb[0] for c in vb],
                             num_res_blocks=vc.get("layers_per_block", 1), z_channels=vc.get("latent_channels", 4),
                             norm_groups=vc.get("norm_num_groups", 32))
-    text = CLIPTextConfig(vocab_size=tc["vocab_size"], width=tc["hidden_size"], layers=tc["num_hidden_layers"],
-                          heads=tc["num_attention_heads"], max_length=tc["max_position_embeddings"],
-                          act=tc.get("hidden_act", "quick_gelu"), eps=tc.get("layer_norm_eps", 1e-5),
-                          intermediate=tc.get("intermediate_size", 0))
+
+    def text(part):
+        tc, reading = texts[text_folders(family)[part]], family.text[part]
+        return CLIPTextConfig(vocab_size=tc["vocab_size"], width=tc["hidden_size"], heads=tc["num_attention_heads"],
+                              layers=tc["num_hidden_layers"] + _dropped(family, part), max_length=tc["max_position_embeddings"],
+                              act=tc.get("hidden_act", "quick_gelu"), eps=tc.get("layer_norm_eps", 1e-5),
+                              intermediate=tc.get("intermediate_size", 0),
+                              projection=tc.get("projection_dim", 0) if part == family.pooled else 0,
+                              **{k: v for k, v in reading.items() if k != "act"})
+
+    archs = (unet, vae, *[text(p) for p in family.texts], None)[:4]
     sched = config("scheduler", "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
-    return (unet, vae, text), sched, vc.get("scaling_factor", 0.18215), uc.get("sample_size", 64) * vae.factor
+    return archs, sched, vc.get("scaling_factor", family.scale), uc.get("sample_size", 64) * vae.factor, family
 
 
-def read(folder: Path, archs, dtype=None) -> dict:
+def _dropped(family, part) -> int:
+    """Top layers diffusers drops from a text encoder read below its top through the final norm (SD 2.x's ViT-H:
+    its converter keeps 23 of 24); nanosd keeps the original's count, the dropped layers zero (they are never read)."""
+    reading = family.text[part]
+    return reading.get("skip", 0) if reading.get("final_norm", True) else 0
+
+
+def read(folder: Path, archs, dtype=None, family: sd.Family = sd.SD1) -> dict:
     """A diffusers folder's weights (fp16 variants and shards alike), by part, under our names."""
     from ..autoencoder import Autoencoder
     from ..unet import UNet
@@ -115,15 +152,21 @@ def read(folder: Path, archs, dtype=None) -> dict:
             out.update(read_checkpoint(f, dtype))
         return out
 
-    unet_cfg, vae_cfg, _ = archs
-    parts = {"unet": weights("unet"), "vae": weights("vae"), "text_encoder": weights("text_encoder")}
+    unet_cfg, vae_cfg, *texts = archs
+    parts = {"unet": weights("unet"), "vae": weights("vae")}
     with torch.device("meta"):
         models = {"unet": UNet(unet_cfg), "vae": Autoencoder(vae_cfg)}
     for name, model in models.items():
         back = {theirs: ours for ours, theirs in names(name, model).items()}
         parts[name] = {back.get(k, k): w for k, w in parts[name].items()}
-    parts["text_encoder"] = {k.removeprefix("text_model."): w for k, w in parts["text_encoder"].items()
-                             if not k.endswith("position_ids")}
+    for (part, sub), cfg in zip(text_folders(family).items(), texts):
+        t = {k.removeprefix("text_model."): w for k, w in weights(sub).items() if not k.endswith("position_ids")}
+        if part != family.pooled:
+            t.pop("text_projection.weight", None)
+        for i in range(cfg.layers - _dropped(family, part), cfg.layers):  # the dropped top layers, as zeros
+            like = {k.split(".", 3)[3]: w for k, w in t.items() if k.startswith("encoder.layers.0.")}
+            t.update({f"encoder.layers.{i}.{k}": torch.zeros_like(w) for k, w in like.items()})
+        parts[part] = t
     return parts
 
 
@@ -136,56 +179,86 @@ def fit_shapes(model: torch.nn.Module, tensors: dict) -> dict:
 
 
 def write(folder, pipe, weights=True):
-    """A diffusers folder (configs, weights under diffusers' names, tokenizer, scheduler) for an SD pipeline;
-    weights=False writes the configs alone (what diffusers' from_single_file takes as `config`)."""
-    cfg, u, d = pipe.cfg, pipe.cfg.unet, pipe.cfg.diffusion
+    """A diffusers folder (configs, weights under diffusers' names, tokenizers, scheduler) for an SD pipeline of any
+    family; weights=False writes the configs alone (what diffusers' from_single_file takes as `config`)."""
+    cfg, u, d, family = pipe.cfg, pipe.cfg.unet, pipe.cfg.diffusion, pipe.layout or sd.SD1
     levels = range(len(u.channel_mult))
     heads = [u.heads(lv) for lv in levels]
     vae = pipe.autoencoder.cfg
-    t = pipe.text_encoder.cfg
+    unet = {"_class_name": "UNet2DConditionModel", "in_channels": u.in_channels + u.cond_channels,
+            "out_channels": u.in_channels, "block_out_channels": [u.model_channels * m for m in u.channel_mult],
+            "layers_per_block": u.num_res_blocks, "cross_attention_dim": u.context_dim,
+            "down_block_types": ["CrossAttnDownBlock2D" if lv in u.attention_levels else "DownBlock2D" for lv in levels],
+            "up_block_types": ["CrossAttnUpBlock2D" if lv in u.attention_levels else "UpBlock2D" for lv in reversed(levels)],
+            "attention_head_dim": heads if len(set(heads)) > 1 else heads[0], "norm_num_groups": u.norm_groups,
+            "transformer_layers_per_block": u.transformer_depth, "use_linear_projection": u.linear_proj,
+            "sample_size": cfg.data.size // vae.factor}
+    if u.adm_in_channels:
+        unet.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.condition.micro_dim,
+                    projection_class_embeddings_input_dim=u.adm_in_channels)
     configs = {
-        "unet": {"_class_name": "UNet2DConditionModel", "in_channels": u.in_channels + u.cond_channels,
-                 "out_channels": u.in_channels, "block_out_channels": [u.model_channels * m for m in u.channel_mult],
-                 "layers_per_block": u.num_res_blocks, "cross_attention_dim": u.context_dim,
-                 "down_block_types": ["CrossAttnDownBlock2D" if lv in u.attention_levels else "DownBlock2D" for lv in levels],
-                 "up_block_types": ["CrossAttnUpBlock2D" if lv in u.attention_levels else "UpBlock2D" for lv in reversed(levels)],
-                 "attention_head_dim": heads if len(set(heads)) > 1 else heads[0], "norm_num_groups": u.norm_groups,
-                 "transformer_layers_per_block": u.transformer_depth, "sample_size": cfg.data.size // vae.factor},
+        "unet": unet,
         "vae": {"_class_name": "AutoencoderKL", "in_channels": vae.in_channels, "out_channels": vae.in_channels,
                 "block_out_channels": [vae.ch * m for m in vae.ch_mult], "layers_per_block": vae.num_res_blocks,
                 "latent_channels": vae.z_channels, "down_block_types": ["DownEncoderBlock2D"] * len(vae.ch_mult),
                 "up_block_types": ["UpDecoderBlock2D"] * len(vae.ch_mult), "norm_num_groups": vae.norm_groups,
                 "scaling_factor": d.scale_factor, "sample_size": cfg.data.size},
-        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
-                         "hidden_size": t.width, "intermediate_size": t.intermediate or 4 * t.width,
-                         "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
-                         "max_position_embeddings": t.max_length, "hidden_act": t.act, "layer_norm_eps": t.eps,
-                         "bos_token_id": pipe.tokenizer.bos, "eos_token_id": pipe.tokenizer.eos, "pad_token_id": 1},
     }
-    betas = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-    beta_start, beta_end = (1e-4, 0.02) if d.schedule == "linear" else (0.00085, 0.012)  # the schedules' own
-    scheduler = {"_class_name": "PNDMScheduler", "beta_schedule": betas[d.schedule], "num_train_timesteps": d.timesteps,
-                 "beta_start": d.beta_start or beta_start, "beta_end": d.beta_end or beta_end,
-                 "steps_offset": d.steps_offset, "set_alpha_to_one": d.set_alpha_to_one, "skip_prk_steps": True,
-                 "clip_sample": False, "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction]}
-    index = {"_class_name": "StableDiffusionInpaintPipeline" if u.cond_channels else "StableDiffusionPipeline",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "requires_safety_checker": False}
     tensors = {"unet": {names("unet", pipe.unet)[k]: v for k, v in pipe.unet.state_dict().items()},
                "vae": {names("vae", pipe.autoencoder)[k]: v.flatten(1) if v.ndim == 4 and v.shape[-1] == 1
                        and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v
-                       for k, v in pipe.autoencoder.state_dict().items()},
-               "text_encoder": {"text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()}}
+                       for k, v in pipe.autoencoder.state_dict().items()}}
+    tokenizers = {}
+    for part, sub in text_folders(family).items():
+        model, t = getattr(pipe.conditioner, part), getattr(pipe.conditioner, part).cfg
+        keep = t.layers - _dropped(family, part)
+        projected = part == family.pooled
+        configs[sub] = {"architectures": ["CLIPTextModelWithProjection" if projected else "CLIPTextModel"],
+                        "model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
+                        "intermediate_size": t.intermediate or 4 * t.width, "num_hidden_layers": keep,
+                        "num_attention_heads": t.heads, "max_position_embeddings": t.max_length, "hidden_act": t.act,
+                        "layer_norm_eps": t.eps, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+                        **({"projection_dim": t.projection} if projected else {})}
+        tensors[sub] = {k if k.startswith("text_projection") else "text_model." + k: v
+                        for k, v in model.state_dict().items()
+                        if not any(k.startswith(f"encoder.layers.{i}.") for i in range(keep, t.layers))}
+        tokenizers[sub.replace("text_encoder", "tokenizer")] = (pipe.conditioner.text if part == "text_encoder"
+                                                                else pipe.conditioner.text2).tokenizer
+    betas = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+    beta_start, beta_end = (1e-4, 0.02) if d.schedule == "linear" else (0.00085, 0.012)  # the schedules' own
+    scheduler = {"_class_name": "EulerDiscreteScheduler" if family.micro else "PNDMScheduler",
+                 "beta_schedule": betas[d.schedule], "num_train_timesteps": d.timesteps,
+                 "beta_start": d.beta_start or beta_start, "beta_end": d.beta_end or beta_end,
+                 "steps_offset": d.steps_offset, "set_alpha_to_one": d.set_alpha_to_one, "skip_prk_steps": True,
+                 "clip_sample": False, "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction],
+                 **({"timestep_spacing": d.timestep_spacing} if d.timestep_spacing else {}),
+                 **({"rescale_betas_zero_snr": True} if d.zero_snr else {})}
+    inpainting = "Inpaint" if u.cond_channels else ""
+    index = {"_class_name": {"sdxl": f"StableDiffusionXL{inpainting}Pipeline",
+                             "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}.get(family.name,
+                                                                                     f"StableDiffusion{inpainting}Pipeline"),
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", scheduler["_class_name"]]}
+    for sub in ("text_encoder", "text_encoder_2"):
+        if sub in configs:
+            index[sub] = ["transformers", configs[sub]["architectures"][0]]
+            index[sub.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+        elif family.micro:
+            index[sub], index[sub.replace("text_encoder", "tokenizer")] = [None, None], [None, None]
+    if family.micro:
+        index.update(force_zeros_for_empty_prompt=cfg.condition.zero_negative,
+                     **({"requires_aesthetics_score": True} if family.micro == "aesthetic" else {}))
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     with atomic_path(folder) as tmp:
         for part, conf in configs.items():
             (tmp / part).mkdir(parents=True)
             (tmp / part / "config.json").write_text(json.dumps(conf, indent=2))
-            name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+            name = "model.safetensors" if part.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
             if weights:
                 save_file({k: v.contiguous() for k, v in tensors[part].items()}, tmp / part / name)
-        pipe.tokenizer.save(tmp / "tokenizer")
+        for sub, tokenizer in tokenizers.items():
+            tokenizer.save(tmp / sub)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
