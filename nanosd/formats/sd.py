@@ -231,7 +231,7 @@ def read(path, dtype=None, ema=False):
 def config(unet_cfg, vae_cfg, text_cfg, text2_cfg, scheduler: dict, scale_factor=None, size=None, family=SD1):
     """A Stable Diffusion model as a nanosd config: a latent, CLIP-conditioned model (concat "inpaint" for the
     9-channel inpainting U-Net), with its scheduler's settings (SD v1.5's when the file carries none)."""
-    from ..condition import ConditionConfig
+    from ..condition import MICRO, ConditionConfig
     from ..config import Config, DataConfig, DiffusionConfig, SampleConfig
 
     schedules = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
@@ -245,9 +245,12 @@ def config(unet_cfg, vae_cfg, text_cfg, text2_cfg, scheduler: dict, scale_factor
         beta_end=scheduler.get("beta_end", 0.012), steps_offset=scheduler.get("steps_offset", 1),
         set_alpha_to_one=scheduler.get("set_alpha_to_one", False),
         timestep_spacing=scheduler.get("timestep_spacing", ""), zero_snr=scheduler.get("rescale_betas_zero_snr", False))
+    pooled = (text2_cfg or text_cfg).projection
+    micro_dim = (unet_cfg.adm_in_channels - pooled) // MICRO[family.micro] if family.micro else 256
     condition = ConditionConfig(encoder="clip", concat="inpaint" if unet_cfg.cond_channels else "", drop_prob=0.0,
                                 guidance=7.5 if family.name in ("sd1", "sd2") else 5.0, clip=text_cfg,
-                                clip2=text2_cfg, micro=family.micro, zero_negative=family.zero_negative)
+                                clip2=text2_cfg, micro=family.micro, micro_dim=micro_dim,
+                                zero_negative=family.zero_negative)
     size = size or (768 if family.name == "sd2" and prediction == "v" else family.size)
     return Config(data=DataConfig(name="", size=size), unet=unet_cfg, diffusion=diffusion,
                   sample=SampleConfig(sampler="dpmpp_2m", steps=20), autoencoder=vae_cfg, condition=condition)

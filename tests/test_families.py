@@ -1,0 +1,159 @@
+"""SD 2.x (v-prediction) and SDXL against the reference (diffusers 0.42.1 + transformers 5.24.0), with random
+weights of tiny shapes built from config dicts and saved as diffusers folders: text-to-image for four samplers,
+img2img, 9-channel inpainting, and the single files nanosd writes read back by diffusers' from_single_file."""
+import json
+
+import pytest
+import torch
+
+import nanosd
+from nanosd.text import CLIPTokenizer
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+            "dpmpp_2m": "DPMSolverMultistepScheduler"}
+PROMPTS = ["a photo of a cat", "a red house by the sea"]
+NEGATIVES = ["blurry", ""]
+
+
+def clip(projection=0, width=32):
+    c = transformers.CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, hidden_size=width, intermediate_size=37,
+                                    num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=49408,
+                                    hidden_act="gelu", projection_dim=projection or width)
+    return (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(c)
+
+
+def reference(family, folder, in_channels=4, seed=0):
+    """A tiny pipeline of the family: SD 2.x with linear projections, OpenCLIP's GELU and v-prediction; SDXL with
+    two text encoders (the second wider, as bigG is, projected and pooled), per-level depth and the size ids,
+    `leading` spacing as real SDXL folders carry."""
+    torch.manual_seed(seed)
+    xl = family == "sdxl"
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48 if xl else 32, attention_head_dim=(2, 4), norm_num_groups=2, use_linear_projection=True,
+        **(dict(transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=40 + 6 * 8) if xl else {}))
+    vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                  norm_num_groups=2, scaling_factor=0.13025 if xl else 0.18215)
+    CLIPTokenizer.from_vocab().save(folder / "tok")
+    tok = lambda pad: transformers.CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
+                                                 model_max_length=77, pad_token=pad)
+    if xl:
+        scheduler = diffusers.EulerDiscreteScheduler.from_config({**SCHEDULER, "timestep_spacing": "leading"})
+        cls = diffusers.StableDiffusionXLInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionXLPipeline
+        pipe = cls(vae=vae, text_encoder=clip(), text_encoder_2=clip(projection=40, width=48), tokenizer=tok("<|endoftext|>"),
+                   tokenizer_2=tok("!"), unet=unet, scheduler=scheduler)
+    else:
+        scheduler = diffusers.DDIMScheduler.from_config({**SCHEDULER, "prediction_type": "v_prediction"})
+        cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+        pipe = cls(vae=vae, text_encoder=clip(), tokenizer=tok("<|endoftext|>"), unet=unet, scheduler=scheduler,
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / family)  # the reference as its users have it: loaded from the folder
+    return cls.from_pretrained(folder / family, local_files_only=True).to(torch.float32), folder / family
+
+
+@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+def family(request, tmp_path_factory):
+    ref, folder = reference(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, ref, nanosd.load(folder), folder
+
+
+def images(ref, name, **kw):
+    ref.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(ref.scheduler.config)
+    kw = {"num_inference_steps": 4, "guidance_scale": 6.0, "height": 64, "width": 64, "output_type": "pt", **kw}
+    return ref(generator=torch.Generator().manual_seed(7), **kw).images
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_text_to_image_matches_the_reference(family, name):
+    fam, ref, pipe, _ = family
+    assert pipe.family == fam
+    theirs = images(ref, name, prompt=PROMPTS, negative_prompt=NEGATIVES)
+    ours = pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7, height=64, width=64,
+                         output="tensor").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert theirs.std() > 0.02 and not torch.allclose(theirs[0], theirs[1], atol=1e-2)  # pictures, not flat grey
+    theirs = images(ref, name, prompt=PROMPTS, negative_prompt=NEGATIVES, output_type="latent")
+    ours = pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler=name, cfg_scale=6.0, seed=7, height=64, width=64,
+                         output="latent").images
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("family", ["sdxl"], indirect=True)
+def test_sdxl_without_a_negative_prompt_guides_from_zeros_and_takes_its_size_ids(family):
+    _, ref, pipe, _ = family
+    theirs = images(ref, "euler", prompt=PROMPTS, original_size=(128, 96), crops_coords_top_left=(8, 4))
+    ours = pipe.generate(PROMPTS, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64, width=64,
+                         original_size=(128, 96), crops_coords_top_left=(8, 4), output="tensor")
+    torch.testing.assert_close(ours.images, theirs, atol=1e-4, rtol=0)
+    plain = pipe.generate(PROMPTS, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64, width=64,
+                          output="tensor").images
+    assert (plain - ours.images).abs().max() > 1e-3  # the ids reach the U-Net
+    with pytest.raises(ValueError, match="aesthetic_score: this model is not conditioned on it"):
+        pipe.generate("a cat", aesthetic_score=7.0)
+
+
+def init_image(seed=0, size=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g), size=(size, size),
+                                           mode="bilinear")
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_a"])
+def test_img2img_matches_the_reference(family, name):
+    fam, ref, pipe, _ = family
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if fam == "sdxl" else diffusers.StableDiffusionImg2ImgPipeline
+    image = init_image()
+    theirs = images(cls.from_pipe(ref), name, prompt=PROMPTS, negative_prompt=NEGATIVES, image=image * 2 - 1,
+                    strength=0.6, num_inference_steps=5)
+    ours = pipe.img2img(image, PROMPTS, NEGATIVES, strength=0.6, steps=5, sampler=name, cfg_scale=6.0, seed=7,
+                        output="tensor").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fam", ["sd2", "sdxl"])
+def test_nine_channel_inpainting_matches_the_reference(fam, tmp_path):
+    ref, folder = reference(fam, tmp_path, in_channels=9, seed=1)
+    pipe = nanosd.load(folder)
+    image, mask = init_image(2), torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 8:32] = 1
+    kw = dict(image=image * 2 - 1, mask_image=mask, num_inference_steps=4)
+    if fam == "sdxl":
+        kw["strength"] = 1.0
+    theirs = images(ref, "euler", prompt=PROMPTS, negative_prompt=NEGATIVES, **kw)
+    ours = pipe.inpaint(image, mask, PROMPTS, NEGATIVES, steps=4, sampler="euler", cfg_scale=6.0, seed=7,
+                        output="tensor").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_the_single_file_nanosd_writes_is_read_by_diffusers(family, tmp_path):
+    """The original layout (OpenCLIP's cond_stage_model.model.* for SD 2.x; conditioner.embedders.* for SDXL),
+    read by diffusers' from_single_file with a config folder, and by nanosd, gives the same image."""
+    fam, ref, pipe, folder = family
+    path = nanosd.save(pipe, tmp_path / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        names = list(f.keys())
+    openclip = "conditioner.embedders.1.model." if fam == "sdxl" else "cond_stage_model.model."
+    assert any(k.startswith(openclip + "transformer.resblocks.0.attn.in_proj_weight") for k in names)
+    config = tmp_path / "config"
+    nanosd.formats.diffusers.write(config, pipe, weights=False)
+    cls = diffusers.StableDiffusionXLPipeline if fam == "sdxl" else diffusers.StableDiffusionPipeline
+    theirs_pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True,
+                                       **({} if fam == "sdxl" else dict(safety_checker=None)))
+    theirs = images(theirs_pipe.to(torch.float32), "euler", prompt=PROMPTS, negative_prompt=NEGATIVES)
+    again = nanosd.load(path, config=config)
+    assert again.family == fam
+    ours = again.generate(PROMPTS, NEGATIVES, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64, width=64,
+                          output="tensor").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    folder2 = nanosd.save(again, tmp_path / "back")  # and as a diffusers folder again
+    assert json.loads((folder2 / "model_index.json").read_text())["_class_name"] == cls.__name__
