@@ -32,20 +32,28 @@ def reference(family, folder, in_channels=4, seed=0):
     two text encoders (the second wider, as bigG is, projected and pooled), per-level depth and the size ids,
     `leading` spacing as real SDXL folders carry."""
     torch.manual_seed(seed)
-    xl = family == "sdxl"
+    xl, refiner = family == "sdxl", family == "sdxl-refiner"
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32 + 48 if xl else 32, attention_head_dim=(2, 4), norm_num_groups=2, use_linear_projection=True,
+        cross_attention_dim=32 + 48 if xl else 48 if refiner else 32, attention_head_dim=(2, 4), norm_num_groups=2,
+        use_linear_projection=True,
         **(dict(transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=40 + 6 * 8) if xl else {}))
+                projection_class_embeddings_input_dim=40 + (5 if refiner else 6) * 8) if xl or refiner else {}))
     vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
                                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                                   norm_num_groups=2, scaling_factor=0.13025 if xl else 0.18215)
     CLIPTokenizer.from_vocab().save(folder / "tok")
     tok = lambda pad: transformers.CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
                                                  model_max_length=77, pad_token=pad)
-    if xl:
+    if refiner:  # the second encoder alone, the aesthetic score among the ids
+        scheduler = diffusers.EulerDiscreteScheduler.from_config({**SCHEDULER, "timestep_spacing": "leading"})
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=clip(projection=40, width=48), tokenizer=None,
+            tokenizer_2=tok("!"), unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False)
+        cls = type(pipe)
+    elif xl:
         scheduler = diffusers.EulerDiscreteScheduler.from_config({**SCHEDULER, "timestep_spacing": "leading"})
         cls = diffusers.StableDiffusionXLInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionXLPipeline
         pipe = cls(vae=vae, text_encoder=clip(), text_encoder_2=clip(projection=40, width=48), tokenizer=tok("<|endoftext|>"),
@@ -157,3 +165,76 @@ def test_the_single_file_nanosd_writes_is_read_by_diffusers(family, tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     folder2 = nanosd.save(again, tmp_path / "back")  # and as a diffusers folder again
     assert json.loads((folder2 / "model_index.json").read_text())["_class_name"] == cls.__name__
+
+
+def test_the_sdxl_refiner_refines_as_the_reference_does_and_refuses_to_start_from_noise(tmp_path):
+    ref, folder = reference("sdxl-refiner", tmp_path)
+    pipe = nanosd.load(folder)
+    assert pipe.family == "sdxl-refiner" and pipe.text_encoder_2 is None
+    image = init_image(3)
+    theirs = images(ref, "euler", prompt=PROMPTS, image=image, strength=0.5, num_inference_steps=6,
+                    aesthetic_score=7.0)
+    ours = pipe.img2img(image, PROMPTS, strength=0.5, steps=6, sampler="euler", cfg_scale=6.0, seed=7,
+                        aesthetic_score=7.0, output="tensor").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="the SDXL refiner refines an image"):
+        pipe.generate("a cat")
+    with pytest.raises(ValueError, match="target_size: this model is not conditioned on it"):
+        pipe.img2img(image, "a cat", target_size=(64, 64))
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "sdxl-refiner"])
+def test_full_size_files_are_told_apart_and_their_architecture_read_from_shapes(name):
+    """The published shapes (on the meta device: no memory), written in the original layout, read back: the family
+    and every config as the preset has it; the U-Net sizes are the published ones."""
+    from nanosd.condition import Conditioner
+    from nanosd.formats import sd
+    from nanosd.unet import UNet
+
+    cfg = sd.preset(name)
+    with torch.device("meta"):
+        unet, cond = UNet(cfg.unet), Conditioner(cfg.condition)
+        vae = nanosd.autoencoder.Autoencoder(cfg.autoencoder)
+    counts = {"sd1": 859_520_964, "sd2": 865_910_724, "sdxl": 2_567_463_684, "sdxl-refiner": 2_259_526_660}
+    assert sum(p.numel() for p in unet.parameters()) == counts[name]
+    parts = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": cond.text_encoder.state_dict()}
+    if cfg.condition.clip2:
+        parts["text_encoder_2"] = cond.text_encoder_2.state_dict()
+    family = sd.FAMILIES[name]
+    tensors = sd.join(parts, family)
+    assert sd.detect(tensors, "x") is family
+    u, v, t, t2 = sd.infer(sd.split(tensors, family), family)
+    assert (u, v, t, t2) == (cfg.unet, cfg.autoencoder, cfg.condition.clip, cfg.condition.clip2)
+
+
+def test_files_that_are_not_checkpoints_get_one_line_errors(family, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from nanosd.cli import main
+
+    fam, _, pipe, folder = family
+    good = nanosd.save(pipe, tmp_path / "good.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    z = lambda: torch.zeros(2, 2)  # noqa: E731
+    files = {"lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": z(),
+                      "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": z()},
+             "vae": {"encoder.conv_in.weight": z(), "decoder.conv_in.weight": z()},
+             "sd3": {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": z()},
+             "flux": {"double_blocks.0.img_attn.qkv.weight": z()},
+             "auraflow": {"model.diffusion_model.double_layers.0.attn.w1q.weight": z()}}
+    for name, tensors in files.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+    loads = "nanosd loads SD 1.x, SD 2.x, SDXL and the SDXL refiner"
+    cases = [("cut", "unreadable or truncated"), ("lora", f"is a LoRA, not a whole checkpoint: {loads}"),
+             ("vae", "is a VAE, not a checkpoint: give it as --vae"),
+             ("sd3", f"is a Stable Diffusion 3 checkpoint, not a whole checkpoint: {loads}"),
+             ("flux", f"is a Flux checkpoint, not a whole checkpoint: {loads}"),
+             ("auraflow", "is an AuraFlow checkpoint (Pony v7 and kin)")]
+    for name, words in cases:
+        assert main(["generate", str(tmp_path / f"{name}.safetensors"), "a cat", "--out", str(tmp_path / "o.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    with pytest.raises(ValueError, match="this VAE file is a whole checkpoint"):
+        nanosd.load(folder, vae=good)
+    with pytest.raises(ValueError, match=f"is an {fam} model, not sd1"):
+        nanosd.load(folder, family="sd1")

@@ -71,7 +71,8 @@ def detect(tensors: dict, where: str) -> Family:
             return family
     for fragment, what in OTHERS:
         if any(fragment in k for k in tensors):
-            raise ValueError(f"{where} is {what}, not a Stable Diffusion checkpoint: {SUPPORTED}")
+            raise ValueError(f"{where} is {what}, not a whole checkpoint: {SUPPORTED}"
+                             + (" checkpoints (adapters do not load yet)" if what.startswith("a L") else ""))
     if has(UNET) or has("input_blocks.") or has("down_blocks."):
         raise ValueError(f"{where} holds a U-Net alone (no text encoder): {SUPPORTED} as whole checkpoints")
     if has(VAE) or has("encoder.conv_in.") or has("decoder.conv_in."):
@@ -268,8 +269,8 @@ def preset(family="sd1", inpainting=False, prediction="eps"):
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}: nanosd has {', '.join(FAMILIES)}")
     f = FAMILIES[family]
-    vit_l, vit_h = CLIPTextConfig(), CLIPTextConfig(width=1024, layers=24, heads=16)
-    big_g = CLIPTextConfig(width=1280, layers=32, heads=20, projection=1280, **BIG_G)
+    vit_l, vit_h = CLIPTextConfig(intermediate=3072), CLIPTextConfig(width=1024, layers=24, heads=16, intermediate=4096)
+    big_g = CLIPTextConfig(width=1280, layers=32, heads=20, intermediate=5120, projection=1280, **BIG_G)
     base = dict(in_channels=4, cond_channels=5 if inpainting else 0, num_res_blocks=2, num_heads=f.heads or
                 [5, 10, 20, 20])
     unet, texts = {
