@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -28,7 +29,8 @@ def cmd_generate(a):
     from .pipeline import load
     from .run import is_run
 
-    pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema)
+    pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema, config=a.config,
+                family=a.family, prediction=a.prediction)
     pipe.progress = True
     prompt, n, nrow = a.prompt, a.n or (16 if is_run(a.model) else 1), None
     if a.prompts:  # a row of --n images for each line of the file
@@ -36,14 +38,12 @@ def cmd_generate(a):
             raise ValueError("give a prompt or --prompts FILE, not both")
         lines = [line.strip() for line in Path(a.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
         prompt, nrow = [p for p in lines for _ in range(n)], n
-    height = width = None
-    if a.size:
-        try:
-            width, height = (int(v) for v in a.size.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"--size {a.size!r} must be WIDTHxHEIGHT, e.g. 512x512") from None
+    width, height = _size(a.size, "--size") or (None, None)
+    original, crop = _size(a.original_size, "--original-size"), _size(a.crop, "--crop")
     kw = dict(batch_size=n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=a.seed, eta=a.eta,
-              clip_skip=a.clip_skip, height=height, width=width, output="tensor", autoguidance=a.autoguidance)
+              clip_skip=a.clip_skip, height=height, width=width, output="tensor", autoguidance=a.autoguidance,
+              guidance_rescale=a.guidance_rescale, original_size=original and original[::-1],
+              crops_coords_top_left=crop and crop[::-1], aesthetic_score=a.aesthetic_score)
     image = open_image(a.image) if getattr(a, "image", None) else None
     if a.command == "img2img":
         made = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
@@ -71,10 +71,21 @@ def cmd_generate(a):
             print(f"wrote a grid of {len(images)} images to {out}")
 
 
+def _size(text, flag):
+    """WIDTHxHEIGHT (or XxY) as two ints, or None."""
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be WIDTHxHEIGHT, e.g. 512x512") from None
+    return w, h
+
+
 def cmd_convert(a):
     from .pipeline import load, save
 
-    pipe = load(a.src, vae=a.vae, ema=a.ema, config=a.config)
+    pipe = load(a.src, vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
     out = save(pipe, a.dst, dtype={"fp32": None, "fp16": torch_dtype("float16"), "bf16": torch_dtype("bfloat16")}[a.dtype])
     print(f"wrote {out}")
 
@@ -125,7 +136,8 @@ def cmd_data_shard(a):
 def cmd_serve(a):
     from .server import serve
 
-    serve(a.model, host=a.host, port=a.port, api_key=a.api_key)
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, family=a.family, prediction=a.prediction,
+          config=a.config)
 
 
 def cmd_eval(a):
@@ -147,6 +159,14 @@ def cmd_explain(a):
 
     out = explain.run(a.what, a.run, a.out, a.prompt)
     print(f"wrote {out}")
+
+
+def load_options(p):
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sdxl-refiner"],
+                   help="SD checkpoints: the family (default: told from the file), checked against the file")
+    p.add_argument("--prediction", choices=["eps", "v"],
+                   help="SD single files: what the U-Net predicts (a file cannot say; SD 2.x 768-v models: v)")
+    p.add_argument("--config", help="SD single files: a diffusers folder whose configs describe the architecture")
 
 
 def main(argv=None):
@@ -178,6 +198,12 @@ def main(argv=None):
         g.add_argument("--seed", type=int)
         g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's, or the input image's)")
         g.add_argument("--clip-skip", type=int, default=1, help="A1111's Clip skip: 2 reads CLIP's penultimate layer")
+        g.add_argument("--guidance-rescale", type=float, default=0.0,
+                       help="diffusers' guidance_rescale (zero-terminal-SNR fine-tunes: about 0.7)")
+        g.add_argument("--original-size", help="SDXL's size conditioning: WIDTHxHEIGHT (default: the output's)")
+        g.add_argument("--crop", help="SDXL's crop conditioning: LEFTxTOP (default: 0x0)")
+        g.add_argument("--aesthetic-score", type=float, help="the SDXL refiner's score (default 6)")
+        load_options(g)
         g.add_argument("--vae", help="SD checkpoints: a VAE file to use instead of the checkpoint's")
         g.add_argument("--ema", action="store_true", help="SD single files: the EMA weights (model_ema.*)")
         g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -218,7 +244,7 @@ def main(argv=None):
     c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights of a single file")
     c.add_argument("--vae", help="a VAE file to put in place of the source's")
     c.add_argument("--ema", action="store_true", help="take a single file's EMA weights")
-    c.add_argument("--config", help="a diffusers folder whose configs describe a single file's architecture")
+    load_options(c)
     c.set_defaults(fn=cmd_convert)
 
     sv = sub.add_parser("serve", help="a web page and an A1111-compatible HTTP API over a model")
@@ -226,6 +252,7 @@ def main(argv=None):
     sv.add_argument("--host", default="127.0.0.1", help="any other than 127.0.0.1 needs --api-key")
     sv.add_argument("--port", type=int, default=7860)
     sv.add_argument("--api-key", help="every request must then carry it (X-API-Key header)")
+    load_options(sv)
     sv.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("data", help="data sets")
@@ -269,7 +296,10 @@ def main(argv=None):
     if extra:
         a.overrides = a.overrides + extra
     try:
-        a.fn(a)
+        with warnings.catch_warnings():  # notes (what was assumed): one line each, every time
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = lambda message, *_, **__: print(f"nanosd: note: {message}", file=sys.stderr)
+            a.fn(a)
     except KeyboardInterrupt as e:
         print(f"nanosd: {e}" if str(e) else "nanosd: interrupted", file=sys.stderr)
         return 130

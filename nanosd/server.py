@@ -385,13 +385,14 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     return app
 
 
-def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None):
+def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None, family=None,
+          prediction=None, config=None):
     import uvicorn
 
     from .pipeline import load
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise ValueError(f"--host {host} opens the server to other machines: give --api-key KEY as well")
-    pipe = load(model)
+    pipe = load(model, family=family, prediction=prediction, config=config)
     name = Path(model).stem if Path(model).is_file() else Path(model).name
     uvicorn.run(create_app(pipe, name, limits, api_key), host=host, port=port, log_level="warning")

@@ -51,12 +51,15 @@ FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER)}
 
 # what other files look like, for one-line refusals: (a key fragment, what the file is)
 SUPPORTED = "nanosd loads SD 1.x, SD 2.x, SDXL and the SDXL refiner"
+ADAPTER = "not a whole checkpoint (adapters do not load yet)"
 OTHERS = (("joint_blocks.", "a Stable Diffusion 3 checkpoint"), ("double_blocks.", "a Flux checkpoint"),
           ("double_layers.", "an AuraFlow checkpoint (Pony v7 and kin)"), ("cond_seq_linear", "an AuraFlow checkpoint"),
-          ("lora_unet_", "a LoRA"), ("lora_te", "a LoRA"), (".lora_down.", "a LoRA"), ("lora_A", "a LoRA"),
-          (".hada_w1", "a LyCORIS LoHa"), (".lokr_w1", "a LyCORIS LoKr"), ("string_to_param", "an embedding"),
-          ("emb_params", "an embedding"), ("clip_g", "an SDXL embedding"), ("control_model.", "a ControlNet"),
-          ("input_hint_block.", "a ControlNet"))
+          ("lora_unet_", f"a LoRA, {ADAPTER}"), ("lora_te", f"a LoRA, {ADAPTER}"), (".lora_down.", f"a LoRA, {ADAPTER}"),
+          ("lora_A", f"a LoRA, {ADAPTER}"), (".hada_w1", f"a LyCORIS LoHa, {ADAPTER}"),
+          (".lokr_w1", f"a LyCORIS LoKr, {ADAPTER}"), ("string_to_param", "an embedding, not a whole checkpoint"),
+          ("emb_params", "an embedding, not a whole checkpoint"), ("clip_g", "an SDXL embedding, not a whole checkpoint"),
+          ("control_model.", "a ControlNet, not a whole checkpoint"),
+          ("input_hint_block.", "a ControlNet, not a whole checkpoint"))
 
 
 def detect(tensors: dict, where: str) -> Family:
@@ -71,8 +74,7 @@ def detect(tensors: dict, where: str) -> Family:
             return family
     for fragment, what in OTHERS:
         if any(fragment in k for k in tensors):
-            raise ValueError(f"{where} is {what}, not a whole checkpoint: {SUPPORTED}"
-                             + (" checkpoints (adapters do not load yet)" if what.startswith("a L") else ""))
+            raise ValueError(f"{where} is {what}: {SUPPORTED}")
     if has(UNET) or has("input_blocks.") or has("down_blocks."):
         raise ValueError(f"{where} holds a U-Net alone (no text encoder): {SUPPORTED} as whole checkpoints")
     if has(VAE) or has("encoder.conv_in.") or has("decoder.conv_in."):
@@ -192,7 +194,7 @@ def infer(parts: dict, family: Family):
     in_ch = u["input_blocks.0.0.weight"].shape[1]
     unet = UNetConfig(in_channels=u["out.2.weight"].shape[0], cond_channels=in_ch - u["out.2.weight"].shape[0],
                       model_channels=mc, channel_mult=mult, num_res_blocks=nrb, attention_levels=attn,
-                      num_heads=family.heads or [mc * m // 64 for m in mult],
+                      num_heads=family.heads or [max(1, mc * m // 64) for m in mult],
                       transformer_depth=depth if len({depth[lv] for lv in attn}) > 1 else depth[attn[0]] if attn else 1,
                       context_dim=ctx, linear_proj=proj is not None and proj.ndim == 2,
                       adm_in_channels=u["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in u else None)
