@@ -37,6 +37,7 @@ class ConditionConfig:
     micro: str = ""  # SDXL's micro-conditioning: the pooled text and these ids, embedded, as the U-Net's vector y
     micro_dim: int = 256  # the sinusoidal embedding width of each id
     zero_negative: bool = False  # no negative prompt: the unconditional context is zeros (SDXL's diffusers default)
+    micro_lowres: float = 0.3  # micro = "size", trained here: the share of samples shown as enlarged half-size images
 
     def validate(self):
         if self.encoder not in ENCODERS:
@@ -65,11 +66,13 @@ class Conditioner(nn.Module):
             self.text_encoder = text.model  # trained here: it learns and saves with the U-Net
         if text2:
             self.text_encoder_2 = text2.model
-        self.bind(lambda x, generator=None: x)
+        self.bind(lambda x, generator=None: x, 1)
 
-    def bind(self, to_model_space):
-        """How images reach the model's space (identity, or x -> scale * E(x).mode()), for inpainting."""
+    def bind(self, to_model_space, factor):
+        """How images reach the model's space (identity, or x -> scale * E(x).mode()), for inpainting, and how many
+        pixels a cell of that space is across (the micro-conditioning's sizes are in pixels)."""
         object.__setattr__(self, "to_model_space", to_model_space)
+        self.factor = factor
         return self
 
     @property
@@ -147,6 +150,22 @@ class Conditioner(nn.Module):
             out["y"] = torch.cat([pooled, ids.to(pooled.dtype)], -1)
         return out
 
+    def low_resolution(self, x0, g):
+        """SDXL's size conditioning, trained here: a share (micro_lowres) of the batch becomes images whose original
+        was half the size (pooled 2x2, then enlarged back), and every sample says its original size, so that the
+        model learns what enlarged images look like without drawing them unless asked (original_size small).
+        Returns (x0, ids (B, 6): original h, w, crop top, left, target h, w)."""
+        if self.cfg.micro != "size":
+            raise ValueError(f"condition.micro {self.cfg.micro!r} cannot be trained here: use size")
+        B, _, H, W = x0.shape
+        low = (torch.rand(B, generator=g, device=g.device) < self.cfg.micro_lowres).to(x0.device)
+        blurred = F.interpolate(F.avg_pool2d(x0, 2), scale_factor=2, mode="nearest")
+        x0 = torch.where(low[:, None, None, None], blurred, x0)
+        h, w = H * self.factor, W * self.factor
+        side = torch.where(low, 0.5, 1.0).cpu()
+        ids = torch.stack([side * h, side * w, *torch.zeros(2, B), torch.full((B,), h), torch.full((B,), w)], 1)
+        return x0, ids
+
     def training_prompts(self, captions: list[list[str]], labels, g: torch.Generator) -> list[str]:
         """One phrasing per sample (class names for labels), dropped to "" with probability drop_prob."""
         if not self.prompted:
@@ -197,8 +216,9 @@ class ConditionedUNet(nn.Module):
 def bind_conditioner(conditioner: Conditioner, autoencoder, cfg) -> Conditioner:
     """Give an inpainting conditioner the way into the model's space: scale * E(x) for latent models."""
     if autoencoder is None:
-        return conditioner.bind(lambda x, generator=None: x)
-    return conditioner.bind(lambda x, generator=None: to_latent(autoencoder, x, cfg.diffusion.scale_factor, generator))
+        return conditioner.bind(lambda x, generator=None: x, 1)
+    return conditioner.bind(lambda x, generator=None: to_latent(autoencoder, x, cfg.diffusion.scale_factor, generator),
+                            autoencoder.cfg.factor)
 
 
 def to_latent(autoencoder, x, scale, generator=None):

@@ -32,8 +32,11 @@ def diffusion_loss(model, batch, g, step=None, *, schedule: Schedule, prediction
     unet, cond = model, {}
     if isinstance(model, ConditionedUNet):
         unet, c = model.unet, model.conditioner
+        micro = None
+        if c.cfg.micro:  # SDXL-style size conditioning: some samples as enlarged half-size originals
+            x0, micro = c.low_resolution(x0, g)
         cond = {k: v.to(x0.device) if v is not None else v
-                for k, v in c(c.training_prompts(batch.get("captions"), batch.get("label"), g)).items()}
+                for k, v in c(c.training_prompts(batch.get("captions"), batch.get("label"), g), micro=micro).items()}
         if c.cfg.concat:  # from the pixels (a latent model's data keeps them beside the latents)
             image, mask = c.derive(batch.get("pixels", x0), g)
             cond["concat"] = c.spatial(image, mask, x0.shape[-2:])

@@ -29,7 +29,7 @@ def zero_terminal_snr(betas):
     """Betas rescaled so that the last step is pure noise (Lin et al. 2023, Algorithm 1): sqrt(ab) shifted to 0 at
     the end and stretched to keep its start."""
     root = torch.cumprod(1 - betas, 0).sqrt()
-    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    root = (root - root[-1]) * (root[0] / (root[0] - root[-1]))  # in diffusers' order: the same float32 betas
     ab = root**2
     return 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
 

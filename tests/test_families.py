@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nanosd
+from conftest import assert_near
 from nanosd.text import CLIPTokenizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -193,6 +194,9 @@ def test_full_size_files_are_told_apart_and_their_architecture_read_from_shapes(
     from nanosd.unet import UNet
 
     cfg = sd.preset(name)
+    assert cfg.data.size == {"sd1": 512, "sd2": 512, "sdxl": 1024, "sdxl-refiner": 1024}[name]  # default sizes
+    if name == "sd2":
+        assert sd.preset("sd2", prediction="v").data.size == 768  # 768-v
     with torch.device("meta"):
         unet, cond = UNet(cfg.unet), Conditioner(cfg.condition)
         vae = nanosd.autoencoder.Autoencoder(cfg.autoencoder)
@@ -271,3 +275,56 @@ def test_cli_generates_and_converts_every_family(family, tmp_path, capsys):
         assert main(["generate", str(single), "a cat", "--steps", "1", "--size", "64x64", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[0].startswith("nanosd: note: m.safetensors: an SD 2.x file does not say") and "eps assumed" in err[0]
+
+
+def test_zero_terminal_snr_and_guidance_rescale_match_the_reference(tmp_path):
+    """A v-prediction fine-tune of the zero-SNR kind: the folder's scheduler rescales the betas and spaces the
+    timesteps from the end (trailing); the pipeline rescales the guided prediction (guidance_rescale)."""
+    ref, folder = reference("sd2", tmp_path, seed=2)
+    conf = folder / "scheduler" / "scheduler_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "rescale_betas_zero_snr": True,
+                                "timestep_spacing": "trailing"}))
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True).to(torch.float32)
+    pipe = nanosd.load(folder)
+    assert pipe.schedule.alphas_cumprod[-1].item() == 2.0**-24
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    torch.testing.assert_close(pipe.schedule.betas[:-1], ref.scheduler.betas[:-1], rtol=1e-6, atol=1e-9)
+    for rescale in (0.0, 0.7):
+        theirs = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=6.0, height=64,
+                     width=64, output_type="pt", guidance_rescale=rescale,
+                     generator=torch.Generator().manual_seed(7)).images
+        ours = pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64,
+                             width=64, guidance_rescale=rescale, output="tensor").images
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert (ours - pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64,
+                                 width=64, output="tensor").images).abs().max() > 1e-3  # the rescale acts
+
+
+def test_sdxl_in_bf16_long_prompts_and_the_a1111_api(family):
+    """bf16 stays near fp32; a prompt over 75 tokens is encoded in chunks by both encoders, pooled from the first;
+    the A1111 API answers with the model's own size when none is asked (1024 for real SDXL)."""
+    from nanosd.server import create_app
+    from test_server import call, start
+
+    fam, _, pipe, folder = family
+    kw = dict(steps=3, sampler="euler", cfg_scale=5.0, seed=3, height=64, width=64, output="tensor")
+    fp32 = pipe.generate("a lighthouse", **kw).images
+    bf16 = nanosd.load(folder, precision="bf16").generate("a lighthouse", **kw).images
+    assert (bf16 - fp32).abs().mean() < 0.02
+    words = " ".join(f"word{i}" for i in range(50))  # over 75 tokens: two chunks
+    c = pipe.conditioner
+    with torch.no_grad():
+        context = c([words, "a cat"], micro=torch.full((2, 6), 64.0) if fam == "sdxl" else None)["context"]
+        assert context.shape == (2, 154, 32 + (48 if fam == "sdxl" else 0))
+        if fam == "sdxl":
+            _, pooled = c.text2.encode_clip([words])
+            _, alone = c.text2.model.encode(c.text2.tokenizer.pack([c.text2.tokenizer.ids(words)[:75]]))
+            assert_near(pooled, alone, 1e-5)
+    url, server = start(create_app(pipe, "tiny"))
+    try:
+        status, body = call(url, "/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 2, "seed": 1})
+    finally:
+        server.should_exit = True
+    assert status == 200, body
+    info = json.loads(body["info"])
+    assert (info["width"], info["height"]) == (pipe.cfg.data.size,) * 2
