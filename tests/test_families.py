@@ -1,6 +1,7 @@
 """SD 2.x (v-prediction) and SDXL against the reference (diffusers 0.42.1 + transformers 5.24.0), with random
 weights of tiny shapes built from config dicts and saved as diffusers folders: text-to-image for four samplers,
 img2img, 9-channel inpainting, and the single files nanosd writes read back by diffusers' from_single_file."""
+import dataclasses
 import json
 
 import numpy as np
@@ -197,6 +198,9 @@ def test_full_size_files_are_told_apart_and_their_architecture_read_from_shapes(
     assert cfg.data.size == {"sd1": 512, "sd2": 512, "sdxl": 1024, "sdxl-refiner": 1024}[name]  # default sizes
     if name == "sd2":
         assert sd.preset("sd2", prediction="v").data.size == 768  # 768-v
+        depth = dataclasses.replace(cfg.unet, cond_channels=1)  # SD 2's depth model: refused in one line
+        with pytest.raises(ValueError, match="reads 1 extra input channels .a depth, upscaler or instruct-pix2pix"):
+            sd.config(depth, cfg.autoencoder, cfg.condition.clip, None, {}, family=sd.SD2)
     with torch.device("meta"):
         unet, cond = UNet(cfg.unet), Conditioner(cfg.condition)
         vae = nanosd.autoencoder.Autoencoder(cfg.autoencoder)

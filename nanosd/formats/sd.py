@@ -237,6 +237,9 @@ def config(unet_cfg, vae_cfg, text_cfg, text2_cfg, scheduler: dict, scale_factor
     from ..condition import MICRO, ConditionConfig
     from ..config import Config, DataConfig, DiffusionConfig, SampleConfig
 
+    if unet_cfg.cond_channels not in (0, unet_cfg.in_channels + 1):  # depth, upscaler, pix2pix U-Nets
+        raise ValueError(f"this {family.name} U-Net reads {unet_cfg.cond_channels} extra input channels (a depth, "
+                         "upscaler or instruct-pix2pix model): nanosd loads text-to-image and 9-channel inpainting models")
     schedules = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
     kind = scheduler.get("beta_schedule", "scaled_linear")
     if kind not in schedules:
