@@ -39,3 +39,5 @@ figures: demo
 	nanosd generate runs/fig-emoji --prompts configs/emoji-text-prompts.txt --n 8 --seed 0 --out docs/emoji-grid.png
 	$(PY) benchmarks/pixel_vs_latent.py --minutes $(PVL_MINUTES) --n 500 --out runs/fig-pvl
 	cp runs/fig-pvl/pixel_vs_latent.png docs/pixel-vs-latent.png
+	nanosd train configs/mnist-text-xl.toml --out runs/fig-xl
+	nanosd explain size runs/fig-xl --out docs/size-conditioning.png

@@ -6,6 +6,7 @@ nanosd and by diffusers, timed. Each step is its own process (`make`, `nanosd`, 
   python benchmarks/full_size.py nanosd /tmp/xl            # load the single file, 256x256 from fixed latents
   python benchmarks/full_size.py diffusers /tmp/xl         # the folder in diffusers, the same latents: the difference
   python benchmarks/full_size.py speed /tmp/xl --size 1024 --precision bf16   # seconds per U-Net step, peak memory
+  python benchmarks/full_size.py diffusers-speed /tmp/xl --size 512          # the reference's step, fp32
 """
 import argparse
 import resource
@@ -100,9 +101,24 @@ def speed(a):
           f"threads, {cpu}")
 
 
+def diffusers_speed(a):
+    """The reference's U-Net step, side by side with `speed` (fp32, the same folder, the same sampler)."""
+    import diffusers
+
+    ref = diffusers.DiffusionPipeline.from_pretrained(a.dir / "diffusers", torch_dtype=torch.float32,
+                                                      local_files_only=True)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    times = []
+    ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=a.steps, guidance_scale=5.0, height=a.size,
+        width=a.size, output_type="latent", callback_on_step_end=lambda *args: times.append(time.perf_counter()) or {})
+    steps = [b - a_ for a_, b in zip(times, times[1:])]
+    print(f"diffusers fp32 {a.size}x{a.size}: U-Net step (guided, batch 2) {min(steps):.2f} s (of {len(steps)} "
+          f"timed), peak memory {peak_gib():.1f} GiB")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["make", "nanosd", "diffusers", "speed"])
+    p.add_argument("what", choices=["make", "nanosd", "diffusers", "speed", "diffusers-speed"])
     p.add_argument("family_or_dir")
     p.add_argument("dir", nargs="?")
     p.add_argument("--size", type=int, default=256)
@@ -113,4 +129,5 @@ if __name__ == "__main__":
         a.family, a.dir = a.family_or_dir, Path(a.dir)
     else:
         a.dir = Path(a.family_or_dir)
-    {"make": make, "nanosd": run_nanosd, "diffusers": run_diffusers, "speed": speed}[a.what](a)
+    {"make": make, "nanosd": run_nanosd, "diffusers": run_diffusers, "speed": speed,
+     "diffusers-speed": diffusers_speed}[a.what](a)

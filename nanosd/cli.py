@@ -282,8 +282,8 @@ def main(argv=None):
     vc.add_argument("--seed", type=int, default=0)
     vc.set_defaults(fn=cmd_eval_concat)
 
-    e = sub.add_parser("explain", help="figures: forward, reverse, latent, attention, concat")
-    e.add_argument("what", choices=["forward", "reverse", "latent", "attention", "concat"])
+    e = sub.add_parser("explain", help="figures: forward, reverse, latent, attention, concat, size")
+    e.add_argument("what", choices=["forward", "reverse", "latent", "attention", "concat", "size"])
     e.add_argument("run", nargs="?", help="run folder (all but forward)")
     e.add_argument("prompt", nargs="?", help="attention: the prompt")
     e.add_argument("--out", help="output PNG")

@@ -209,11 +209,35 @@ def concat_figure(out, run, n=8, seed=0):
     return out
 
 
+def size_figure(out, run, seed=5, sides=(None, 0.5, 0.25)):
+    """SDXL's size conditioning: the same prompts and seeds asked for originals of the true size and smaller."""
+    from .pipeline import load
+
+    plt = _plt()
+    pipe = load(run)
+    if not pipe.conditioner or pipe.conditioner.cfg.micro != "size":
+        raise ValueError(f"explain size needs a model with size conditioning (condition.micro = \"size\"); {run} has none")
+    prompts = pipe.grid_prompts(10) or None
+    size = pipe.cfg.data.size
+    fig, axes = plt.subplots(len(sides), 10, figsize=(12, 1.3 * len(sides)), squeeze=False)
+    for r, side in enumerate(sides):
+        original = None if side is None else (int(size * side),) * 2
+        images = pipe.generate(prompts, batch_size=10, seed=seed, original_size=original, output="tensor").images
+        for c in range(10):
+            _show(axes[r, c], images[c] * 2 - 1)
+        axes[r, 0].set_ylabel(f"original {original[1]}x{original[0]}" if original else "true size", fontsize=9)
+    fig.suptitle("the same prompts and seeds, told the original was this size", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def run(what, run_dir=None, out=None, prompt=None):
     if what == "forward":
         return forward_figure(out or "forward.png")
     figures = {"reverse": reverse_figure, "latent": latent_figure, "attention": attention_figure,
-               "concat": concat_figure}
+               "concat": concat_figure, "size": size_figure}
     if what not in figures:
         raise ValueError(f"unknown figure {what!r}: choose forward, {', '.join(figures)}")
     if run_dir is None:
