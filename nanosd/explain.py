@@ -209,8 +209,9 @@ def concat_figure(out, run, n=8, seed=0):
     return out
 
 
-def size_figure(out, run, seed=5, sides=(None, 0.5, 0.25)):
-    """SDXL's size conditioning: the same prompts and seeds asked for originals of the true size and smaller."""
+def size_figure(out, run, seed=5, sides=(None, 0.5)):
+    """SDXL's size conditioning: the same prompts and seeds, told the original was the true size, or half (as a
+    share of the training images were)."""
     from .pipeline import load
 
     plt = _plt()

@@ -215,3 +215,33 @@ def test_bad_prompts_get_one_line_errors(tmp_path, tiny_cfg, capsys, monkeypatch
     capsys.readouterr()
     assert main(["generate", str(plain), "a cat", "--out", str(tmp_path / "y.png")]) == 2
     assert "without text or labels" in capsys.readouterr().err
+
+
+def test_an_sdxl_shaped_model_trains_here(tmp_path, tiny_cfg, monkeypatch):
+    """Linear projections, transformer depth per level, the pooled prompt and SDXL's size ids through label_emb:
+    the one trainer trains it (some samples as enlarged half-size originals, told so), and the size ids reach
+    the U-Net when sampling."""
+    from dataclasses import replace
+
+    data = ImageSet(torch.rand(32, 1, 8, 8) * 2 - 1, torch.arange(32) % 2, ["cat", "dog"],
+                    [[f"a {c}"] for c in ["cat", "dog"] * 16])
+    monkeypatch.setattr("nanosd.recipes.load_dataset", lambda *a, **k: data)
+    tiny_cfg.unet = replace(tiny_cfg.unet, attention_levels=[0, 1], transformer_depth=[1, 2], linear_proj=True)
+    tiny_cfg.condition = ConditionConfig(encoder="clip", micro="size", micro_dim=8, micro_lowres=0.5,
+                                         clip=CLIPTextConfig(width=32, layers=1, heads=2, max_length=16, projection=16))
+    run = train(tiny_cfg, tmp_path / "run", steps=3)
+    pipe = load(run)
+    u = pipe.cfg.unet
+    assert u.adm_in_channels == 16 + 6 * 8 and u.linear_proj and pipe.unet.label_emb[0][0].in_features == 64
+    assert len(pipe.unet.middle_block[1].transformer_blocks) == 2 and pipe.unet.input_blocks[1][1].proj_in.weight.ndim == 2
+    kw = dict(batch_size=2, seed=1, output="tensor")
+    full = pipe.generate("a cat", **kw).images
+    half = pipe.generate("a cat", original_size=(4, 4), **kw).images
+    assert torch.equal(full, pipe.generate("a cat", original_size=(8, 8), **kw).images)  # the default: the true size
+    assert not torch.allclose(full, half)
+    x0 = torch.randn(4, 1, 8, 8)
+    low, ids = pipe.conditioner.low_resolution(x0, torch.Generator().manual_seed(0))
+    halves = ids[:, 0] == 4
+    assert halves.any() and (~halves).any() and torch.equal(low[~halves], x0[~halves])
+    assert torch.equal(low[halves], torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x0[halves], 2),
+                                                                    scale_factor=2))
