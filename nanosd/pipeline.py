@@ -259,9 +259,8 @@ class Pipeline:
                 bar.refresh()
                 return out
 
-            z = spec(self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale), x.to(device), sched,
-                     generator=g,
-                     callback=progress, eta=r.eta)
+            denoiser = self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale)
+            z = spec(denoiser, x.to(device), sched, generator=g, callback=progress, eta=r.eta)
         if r.output == "latent":
             return Generation(z, r)
         images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1).cpu()
