@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from . import adapters
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config
 from .formats import diffusers, sd
@@ -41,6 +42,8 @@ class Pipeline:
                     m.to(torch.bfloat16, memory_format=torch.channels_last)
         self.progress = False  # a tqdm bar over the sampler's steps (the CLI turns it on)
         self.vae_tile = 96  # latents larger than this decode in tiles (96 = 768 px for SD)
+        self.loras = []  # LoRAs loaded with load_lora, in order
+        self.lora_dirs = []  # where prompt tags <lora:NAME:W> find NAME.safetensors
 
     @classmethod
     def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32", guide=None):
@@ -148,7 +151,8 @@ class Pipeline:
                 [ids + [r.aesthetic_score], ids + [r.negative_aesthetic_score]]
             micro = torch.tensor([ids[0]] * n + [ids[1]] * n, dtype=torch.float32)
         both = {k: v.float() if v.is_floating_point() else v
-                for k, v in self.conditioner(r.prompt + r.negative_prompt, r.clip_skip, micro).items()
+                for k, v in self.conditioner([adapters.strip(p) for p in r.prompt + r.negative_prompt], r.clip_skip,
+                                             micro).items()
                 if v is not None}
         return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
 
@@ -207,10 +211,38 @@ class Pipeline:
         pixels back outside the mask after decoding, as A1111 does, so that they are exactly the image's."""
         return self(Request(prompt, negative_prompt, init=image, mask=mask, strength=strength, **fields), callback)
 
+    def load_lora(self, path, weight=1.0, merge=False):
+        """Patch the U-Net and text encoders with a LoRA file (kohya/A1111 or diffusers/PEFT), at `weight`; several
+        may be loaded, each with its own weight. merge=True adds it into the weights (faster sampling)."""
+        lora = adapters.read(path, self)
+        lora.weights = {"text": weight, "unet": weight}
+        adapters.attach(self, lora, merge)
+        self.loras.append(lora)
+        return lora
+
+    def unload_loras(self):
+        """Back to the base weights, exactly (merged ones restored in reverse order)."""
+        for lora in reversed(self.loras):
+            adapters.detach(self, lora)
+        self.loras.clear()
+
     @torch.no_grad()
     def __call__(self, request: Request, callback=None) -> Generation:
-        """The one sampling path: resolve the request, then draw, sample and decode."""
+        """The one sampling path: resolve the request, then draw, sample and decode. LoRAs named in the prompts
+        (<lora:NAME:W>) patch the model for this generation only, as in A1111."""
         r = request.resolve(self)
+        tagged = []
+        try:
+            for name, text_w, unet_w in adapters.tags((r.prompt or []) + (r.negative_prompt or [])):
+                tagged.append(adapters.read(adapters.find(name, self.lora_dirs), self, name))
+                tagged[-1].weights = {"text": text_w, "unet": unet_w}
+                adapters.attach(self, tagged[-1])
+            return self._generate(r, callback)
+        finally:
+            for lora in reversed(tagged):
+                adapters.detach(self, lora)
+
+    def _generate(self, r: Request, callback=None) -> Generation:
         spec, n, size = r.sampler, r.batch_size, (r.height, r.width)
         latent_size = (size[0] // self.factor_ae, size[1] // self.factor_ae)
         cond, uncond = self.encode_prompts(r)

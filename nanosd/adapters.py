@@ -1,0 +1,175 @@
+"""Adapters as patches on named modules: a LoRA adds scale * up(down(x)) to the output of the Linear or Conv2d it
+names (Hu et al. 2021; scale = alpha / rank times the user's weight), through a forward hook, so the model classes
+know nothing of it and removing the hook gives back the base model exactly; merged, its delta is added to the
+weight, whose original is kept for an exact unmerge.
+
+Files: kohya / A1111 (`lora_unet_*`, `lora_te_*`, SDXL `lora_te1_*` / `lora_te2_*`; `.lora_down.weight`,
+`.lora_up.weight`, `.alpha`), the U-Net named the diffusers way (SD 1.x files) or the original way (SDXL files),
+and diffusers / PEFT files (`unet.*`, `text_encoder.*`, `text_encoder_2.*` with `.lora_A.weight` / `.lora_B.weight`).
+Prompt tags: `<lora:NAME:W>` or `<lora:NAME:TE_W:UNET_W>`, for one generation.
+"""
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import diffusers
+from .io import read_checkpoint
+
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+            ".lora_A.weight": "down", ".lora_B.weight": "up"}
+TAG = re.compile(r"<lora:([^:>]+)(?::([+-]?[\d.]+))?(?::([+-]?[\d.]+))?>")
+
+
+@dataclass
+class Lora:
+    """One file's low-rank deltas: (part, module name) -> (down, up, alpha / rank)."""
+    name: str
+    deltas: dict
+    weights: dict = field(default_factory=dict)  # part kind ("text", "unet") -> the user's weight
+    handles: list = field(default_factory=list)  # forward hooks while attached
+    merged: dict = field(default_factory=dict)  # (part, module) -> the original weight while merged
+
+
+def targets(pipe) -> dict:
+    """Every name a LoRA file may give a patchable module, flattened as kohya flattens them ("." -> "_"), and
+    diffusers' dotted names: -> (part, our module name)."""
+    out = {}
+    families = pipe.family or "sd1"
+    te = {"text_encoder": ["lora_te_", "lora_te1_"] if families != "sdxl-refiner" else ["lora_te2_"],
+          "text_encoder_2": ["lora_te2_"]}
+    peft = {"text_encoder": "text_encoder_2." if families == "sdxl-refiner" else "text_encoder.",
+            "text_encoder_2": "text_encoder_2."}
+    theirs = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in diffusers.names("unet", pipe.unet).items()
+              if k.endswith(".weight")}
+    for name, m in pipe.unet.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            for alias in (name, theirs.get(name, name)):
+                out["lora_unet_" + alias.replace(".", "_")] = ("unet", name)
+            out["unet." + theirs.get(name, name)] = ("unet", name)
+    for part in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipe, part)
+        if model is None:
+            continue
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and name != "text_projection":
+                for prefix in te[part]:
+                    out[prefix + "text_model_" + name.replace(".", "_")] = (part, name)
+                out[peft[part] + "text_model." + name] = (part, name)
+    return out
+
+
+def read(path, pipe, name=None) -> Lora:
+    """A LoRA file's deltas for this pipeline's modules; one-line errors for a file that matches nothing or that
+    was made for another model, and the keys that match nothing listed."""
+    path = Path(path)
+    tensors = read_checkpoint(path)
+    groups = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        stem = key[: -len(suffix)].removeprefix("base_model.model.")
+        groups.setdefault(stem, {})[SUFFIXES[suffix]] = value
+    if not groups:
+        raise ValueError(f"{path} holds no LoRA weights (.lora_down/.lora_up or .lora_A/.lora_B): is it a LoRA?")
+    names, modules = targets(pipe), None
+    deltas, unmatched = {}, []
+    for stem, g in groups.items():
+        if stem not in names or "down" not in g or "up" not in g:
+            unmatched.append(stem)
+            continue
+        part, module = names[stem]
+        modules = modules or {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder",
+                                                                                   "text_encoder_2") if getattr(pipe, p)}
+        down, up = g["down"].float(), g["up"].float()
+        rank = down.shape[0]
+        target = modules[part][module]
+        want_in = target.in_features if isinstance(target, nn.Linear) else target.in_channels
+        want_out = target.out_features if isinstance(target, nn.Linear) else target.out_channels
+        if down.shape[1] != want_in or up.shape[0] != want_out:
+            raise ValueError(f"{path.name} is a LoRA for another model: {stem} is {up.shape[0]}x{down.shape[1]} but this "
+                             f"{pipe.family or 'model'}'s {module} is {want_out}x{want_in} (an SDXL LoRA on SD 1.x?)")
+        alpha = g["alpha"].item() if "alpha" in g else rank
+        deltas[(part, module)] = (down, up, alpha / rank)
+    if not deltas:
+        raise ValueError(f"{path.name} matches no layer of this {pipe.family or 'model'} "
+                         f"(first keys: {', '.join(sorted(unmatched)[:3])}): is it a LoRA for another model family?")
+    if unmatched:
+        import warnings
+
+        warnings.warn(f"{path.name}: {len(unmatched)} LoRA keys match no layer and are left out: "
+                      f"{', '.join(sorted(unmatched)[:5])}{' …' if len(unmatched) > 5 else ''}", stacklevel=3)
+    return Lora(name or path.stem, deltas)
+
+
+def _delta_fn(module, down, up):
+    """x -> up(down(x)) in the module's own kind (a 1x1 LoRA stored flat on a 1x1 convolution, or the reverse)."""
+    if isinstance(module, nn.Conv2d):
+        down = down if down.ndim == 4 else down[:, :, None, None]
+        up = up if up.ndim == 4 else up[:, :, None, None]
+        return lambda x: F.conv2d(F.conv2d(x, down.to(x.dtype), None, module.stride, module.padding), up.to(x.dtype))
+    down, up = down.flatten(1), up.flatten(1)
+    return lambda x: F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+
+
+def _delta_weight(module, down, up):
+    """The delta as a weight: up @ down (a 3x3 down: each kernel position through up)."""
+    if isinstance(module, nn.Conv2d):
+        if down.ndim == 4 and down.shape[-1] > 1:
+            return torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        return (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+    return up.flatten(1) @ down.flatten(1)
+
+
+def attach(pipe, lora: Lora, merge=False):
+    """Patch the modules: hooks (unattached exactly by removing them), or the deltas added to the weights."""
+    modules = {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder", "text_encoder_2")
+               if getattr(pipe, p) is not None}
+    for (part, name), (down, up, scale) in lora.deltas.items():
+        module = modules[part][name]
+        s = scale * lora.weights["unet" if part == "unet" else "text"]
+        if merge:
+            lora.merged[(part, name)] = module.weight.data.clone()
+            module.weight.data += (s * _delta_weight(module, down, up)).to(module.weight.dtype)
+        else:
+            f = _delta_fn(module, down, up)
+            lora.handles.append(module.register_forward_hook(lambda m, inputs, out, f=f, s=s: out + s * f(inputs[0])))
+
+
+def detach(pipe, lora: Lora):
+    for h in lora.handles:
+        h.remove()
+    lora.handles.clear()
+    modules = {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder", "text_encoder_2")
+               if getattr(pipe, p) is not None}
+    for (part, name), original in lora.merged.items():
+        modules[part][name].weight.data.copy_(original)
+    lora.merged.clear()
+
+
+def tags(prompts) -> list[tuple[str, float, float]]:
+    """A1111's <lora:NAME:W> / <lora:NAME:TE_W:UNET_W> tags of the prompts, in order, each name once."""
+    found = {}
+    for p in prompts:
+        for m in TAG.finditer(p or ""):
+            te = float(m.group(2)) if m.group(2) else 1.0
+            found.setdefault(m.group(1), (m.group(1), te, float(m.group(3)) if m.group(3) else te))
+    return list(found.values())
+
+
+def strip(prompt):
+    """The prompt the text encoder reads: without its LoRA tags."""
+    return None if prompt is None else TAG.sub("", prompt)
+
+
+def find(name, dirs) -> Path:
+    for d in dirs:
+        for ext in (".safetensors", ".pt", ".ckpt"):
+            if (Path(d) / f"{name}{ext}").is_file():
+                return Path(d) / f"{name}{ext}"
+    raise FileNotFoundError(f"<lora:{name}> names no file {name}.safetensors in the LoRA folders "
+                            f"({', '.join(map(str, dirs)) or 'none: set pipe.lora_dirs or --lora-dir'})")

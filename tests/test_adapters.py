@@ -1,0 +1,122 @@
+"""LoRA files against the reference (diffusers' load_lora_weights, through peft): random kohya-format LoRAs on tiny
+SD 1.x and SDXL pipelines, touching attention, feed-forward, projections and convolutions of the U-Net and the text
+encoders, alpha different from rank; weights, several at once, merging, unloading, prompt tags, bad files."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import nanosd
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from test_families import reference  # noqa: E402
+from test_sd import tiny_reference  # noqa: E402
+
+PROMPTS, NEGATIVES = ["a photo of a cat", "a red house by the sea"], ["blurry", ""]
+KW = dict(steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64, width=64, output="tensor")
+
+
+def kohya_lora(pipe, path, seed, rank=4, alpha=2.0):
+    """Random deltas for a spread of modules, under kohya's names: SD 1.x files name the U-Net as diffusers does,
+    SDXL files as the original checkpoint does; the text encoders by transformers' names."""
+    g = torch.Generator().manual_seed(seed)
+    xl = pipe.family == "sdxl"
+    unet = ["input_blocks_4_1_transformer_blocks_0_attn1_to_q", "input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+            "middle_block_1_transformer_blocks_0_ff_net_0_proj", "output_blocks_1_1_proj_out",
+            "input_blocks_1_0_in_layers_2", "output_blocks_3_0_emb_layers_1"] if xl else \
+        ["down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", "down_blocks_1_attentions_1_proj_in",
+         "mid_block_attentions_0_transformer_blocks_0_attn2_to_v", "up_blocks_0_attentions_2_transformer_blocks_0_ff_net_2",
+         "up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0", "down_blocks_0_resnets_1_conv1",
+         "up_blocks_1_resnets_0_time_emb_proj"]
+    text = ["self_attn_q_proj", "self_attn_out_proj", "mlp_fc1"]
+    names = [f"lora_unet_{n}" for n in unet] + [f"lora_te{1 if xl else ''}_text_model_encoder_layers_1_{n}" for n in text]
+    if xl:
+        names += [f"lora_te2_text_model_encoder_layers_2_{n}" for n in text]
+    from nanosd.adapters import targets
+
+    where, modules = targets(pipe), {}
+    tensors = {}
+    for n in names:
+        part, name = where[n]
+        m = dict(getattr(pipe, part).named_modules())[name]
+        if isinstance(m, torch.nn.Conv2d):
+            down = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g) * 0.2
+            up = torch.randn(m.out_channels, rank, 1, 1, generator=g) * 0.2
+        else:
+            down = torch.randn(rank, m.in_features, generator=g) * 0.2
+            up = torch.randn(m.out_features, rank, generator=g) * 0.2
+        tensors.update({f"{n}.lora_down.weight": down, f"{n}.lora_up.weight": up, f"{n}.alpha": torch.tensor(alpha)})
+        modules[n] = name
+    save_file(tensors, path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def model(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    ref, folder = tiny_reference(tmp) if request.param == "sd1" else reference("sdxl", tmp)
+    return ref, nanosd.load(folder), tmp
+
+
+def theirs(ref, loras=(), weights=()):
+    ref.unload_lora_weights()
+    for i, path in enumerate(loras):
+        ref.load_lora_weights(str(path), adapter_name=f"l{i}")
+    if loras:
+        ref.set_adapters([f"l{i}" for i in range(len(loras))], adapter_weights=list(weights))
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    return ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
+               output_type="pt", generator=torch.Generator().manual_seed(7)).images
+
+
+def test_loras_match_the_reference_and_unload_exactly(model):
+    ref, pipe, tmp = model
+    a, b = kohya_lora(pipe, tmp / "a.safetensors", 1), kohya_lora(pipe, tmp / "b.safetensors", 2, rank=2, alpha=8.0)
+    base = pipe.generate(PROMPTS, NEGATIVES, **KW).images
+    for weight in (0.7, 1.0):
+        pipe.load_lora(a, weight)
+        ours = pipe.generate(PROMPTS, NEGATIVES, **KW).images
+        torch.testing.assert_close(ours, theirs(ref, [a], [weight]), atol=1e-4, rtol=0)
+        assert (ours - base).abs().max() > 1e-2  # the LoRA acts
+        pipe.unload_loras()
+        assert torch.equal(pipe.generate(PROMPTS, NEGATIVES, **KW).images, base)
+    pipe.load_lora(a, 0.7)
+    pipe.load_lora(b, 0.5, merge=True)
+    torch.testing.assert_close(pipe.generate(PROMPTS, NEGATIVES, **KW).images, theirs(ref, [a, b], [0.7, 0.5]),
+                               atol=1e-4, rtol=0)
+    pipe.unload_loras()
+    assert torch.equal(pipe.generate(PROMPTS, NEGATIVES, **KW).images, base)
+
+
+def test_a_prompt_tag_applies_a_lora_to_that_generation_only(model):
+    _, pipe, tmp = model
+    kohya_lora(pipe, tmp / "style.safetensors", 3)
+    pipe.lora_dirs = [tmp]
+    tagged = pipe.generate([p + " <lora:style:0.7>" for p in PROMPTS], NEGATIVES, **KW)
+    pipe.load_lora(tmp / "style.safetensors", 0.7)
+    loaded = pipe.generate(PROMPTS, NEGATIVES, **KW).images
+    pipe.unload_loras()
+    torch.testing.assert_close(tagged.images, loaded, atol=1e-6, rtol=0)
+    assert "<lora:style:0.7>" in tagged.infotext(0)
+    assert (pipe.generate(PROMPTS, NEGATIVES, **KW).images - loaded).abs().max() > 1e-2  # gone again
+    with pytest.raises(FileNotFoundError, match="<lora:missing> names no file missing.safetensors"):
+        pipe.generate("a cat <lora:missing:1>")
+
+
+def test_bad_lora_files_get_one_line_errors_and_the_model_still_works(model, tmp_path):
+    _, pipe, tmp = model
+    base = pipe.generate(PROMPTS, NEGATIVES, **KW).images
+    good = kohya_lora(pipe, tmp_path / "good.safetensors", 4)
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:200])
+    save_file({"lora_unet_nothing_here.lora_down.weight": torch.zeros(2, 3),
+               "lora_unet_nothing_here.lora_up.weight": torch.zeros(3, 2)}, tmp_path / "none.safetensors")
+    key = ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" if pipe.family == "sdxl"
+           else "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q")
+    save_file({f"{key}.lora_down.weight": torch.zeros(2, 1280), f"{key}.lora_up.weight": torch.zeros(1280, 2)},
+              tmp_path / "other.safetensors")
+    for name, words in (("cut", "unreadable or truncated"), ("none", "matches no layer of this"),
+                        ("other", "is a LoRA for another model")):
+        with pytest.raises(ValueError, match=words):
+            pipe.load_lora(tmp_path / f"{name}.safetensors")
+    assert not pipe.loras and torch.equal(pipe.generate(PROMPTS, NEGATIVES, **KW).images, base)
