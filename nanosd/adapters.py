@@ -166,6 +166,12 @@ def strip(prompt):
     return None if prompt is None else TAG.sub("", prompt)
 
 
+def files(dirs) -> list[Path]:
+    """The LoRA files in the folders, by name."""
+    return sorted((f for d in dirs for ext in (".safetensors", ".pt", ".ckpt") for f in Path(d).glob(f"*{ext}")),
+                  key=lambda f: f.stem)
+
+
 def find(name, dirs) -> Path:
     for d in dirs:
         for ext in (".safetensors", ".pt", ".ckpt"):
@@ -173,3 +179,12 @@ def find(name, dirs) -> Path:
                 return Path(d) / f"{name}{ext}"
     raise FileNotFoundError(f"<lora:{name}> names no file {name}.safetensors in the LoRA folders "
                             f"({', '.join(map(str, dirs)) or 'none: set pipe.lora_dirs or --lora-dir'})")
+
+
+def setup(pipe, specs=(), dirs=(), merge=False):
+    """LoRAs given as FILE or FILE:WEIGHT (the CLI's and the server's --lora), and the folders tags look in."""
+    pipe.lora_dirs = [Path(d) for d in dirs or []]
+    for spec in specs or []:
+        path, weight = (spec.rsplit(":", 1)[0], float(spec.rsplit(":", 1)[1])) \
+            if re.fullmatch(r".+:[+-]?[\d.]+", spec) else (spec, 1.0)
+        pipe.load_lora(path, weight, merge)

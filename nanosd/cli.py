@@ -32,6 +32,7 @@ def cmd_generate(a):
     pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema, config=a.config,
                 family=a.family, prediction=a.prediction)
     pipe.progress = True
+    add_loras(pipe, a)
     prompt, n, nrow = a.prompt, a.n or (16 if is_run(a.model) else 1), None
     if a.prompts:  # a row of --n images for each line of the file
         if a.prompt:
@@ -71,6 +72,13 @@ def cmd_generate(a):
             print(f"wrote a grid of {len(images)} images to {out}")
 
 
+def add_loras(pipe, a, merge=False):
+    """--lora FILE[:W] (each loaded at its weight; merged into the weights for convert) and --lora-dir DIR."""
+    from .adapters import setup
+
+    setup(pipe, a.lora, a.lora_dir, merge)
+
+
 def _size(text, flag):
     """WIDTHxHEIGHT (or XxY) as two ints, or None."""
     if not text:
@@ -86,6 +94,7 @@ def cmd_convert(a):
     from .pipeline import load, save
 
     pipe = load(a.src, vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
+    add_loras(pipe, a, merge=True)  # written merged: a checkpoint with the LoRAs baked in
     out = save(pipe, a.dst, dtype={"fp32": None, "fp16": torch_dtype("float16"), "bf16": torch_dtype("bfloat16")}[a.dtype])
     print(f"wrote {out}")
 
@@ -137,7 +146,7 @@ def cmd_serve(a):
     from .server import serve
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, family=a.family, prediction=a.prediction,
-          config=a.config)
+          config=a.config, loras=a.lora, lora_dirs=a.lora_dir)
 
 
 def cmd_eval(a):
@@ -167,6 +176,8 @@ def load_options(p):
     p.add_argument("--prediction", choices=["eps", "v"],
                    help="SD single files: what the U-Net predicts (a file cannot say; SD 2.x 768-v models: v)")
     p.add_argument("--config", help="SD single files: a diffusers folder whose configs describe the architecture")
+    p.add_argument("--lora", action="append", help="a LoRA file, FILE or FILE:WEIGHT (repeatable)")
+    p.add_argument("--lora-dir", action="append", help="where prompt tags <lora:NAME:W> find NAME.safetensors")
 
 
 def main(argv=None):

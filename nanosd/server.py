@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import adapters
 from .images import png_info, to_pil
 from .pipeline import Pipeline
 from .request import Request
@@ -310,6 +311,10 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     async def samplers():
         return [{"name": s.a1111, "aliases": [s.name], "options": {}} for s in SAMPLERS.values()]
 
+    @app.get("/sdapi/v1/loras")
+    async def loras():  # as A1111 lists them: the files prompt tags <lora:NAME:W> can name
+        return [{"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}} for f in adapters.files(pipe.lora_dirs)]
+
     @app.get("/sdapi/v1/progress")
     async def progress():
         job = server.current
@@ -386,13 +391,15 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
 
 def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None, family=None,
-          prediction=None, config=None):
+          prediction=None, config=None, loras=(), lora_dirs=()):
     import uvicorn
 
+    from .adapters import setup
     from .pipeline import load
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise ValueError(f"--host {host} opens the server to other machines: give --api-key KEY as well")
     pipe = load(model, family=family, prediction=prediction, config=config)
+    setup(pipe, loras, lora_dirs)
     name = Path(model).stem if Path(model).is_file() else Path(model).name
     uvicorn.run(create_app(pipe, name, limits, api_key), host=host, port=port, log_level="warning")

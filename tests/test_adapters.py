@@ -35,8 +35,7 @@ def kohya_lora(pipe, path, seed, rank=4, alpha=2.0):
         names += [f"lora_te2_text_model_encoder_layers_2_{n}" for n in text]
     from nanosd.adapters import targets
 
-    where, modules = targets(pipe), {}
-    tensors = {}
+    where, tensors = targets(pipe), {}
     for n in names:
         part, name = where[n]
         m = dict(getattr(pipe, part).named_modules())[name]
@@ -47,7 +46,6 @@ def kohya_lora(pipe, path, seed, rank=4, alpha=2.0):
             down = torch.randn(rank, m.in_features, generator=g) * 0.2
             up = torch.randn(m.out_features, rank, generator=g) * 0.2
         tensors.update({f"{n}.lora_down.weight": down, f"{n}.lora_up.weight": up, f"{n}.alpha": torch.tensor(alpha)})
-        modules[n] = name
     save_file(tensors, path)
     return path
 
@@ -75,7 +73,8 @@ def test_loras_match_the_reference_and_unload_exactly(model):
     a, b = kohya_lora(pipe, tmp / "a.safetensors", 1), kohya_lora(pipe, tmp / "b.safetensors", 2, rank=2, alpha=8.0)
     base = pipe.generate(PROMPTS, NEGATIVES, **KW).images
     for weight in (0.7, 1.0):
-        pipe.load_lora(a, weight)
+        lora = pipe.load_lora(a, weight)
+        assert len(lora.deltas) == sum(k.endswith(".alpha") for k in nanosd.io.read_checkpoint(a))  # every module
         ours = pipe.generate(PROMPTS, NEGATIVES, **KW).images
         torch.testing.assert_close(ours, theirs(ref, [a], [weight]), atol=1e-4, rtol=0)
         assert (ours - base).abs().max() > 1e-2  # the LoRA acts
@@ -120,3 +119,50 @@ def test_bad_lora_files_get_one_line_errors_and_the_model_still_works(model, tmp
         with pytest.raises(ValueError, match=words):
             pipe.load_lora(tmp_path / f"{name}.safetensors")
     assert not pipe.loras and torch.equal(pipe.generate(PROMPTS, NEGATIVES, **KW).images, base)
+
+
+def test_cli_and_server_take_loras(model, tmp_path, capsys):
+    """--lora FILE:W in generate equals load_lora; convert --lora bakes it in; the server lists --lora-dir's files
+    (GET /sdapi/v1/loras) and applies tags in API prompts."""
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from nanosd.cli import main
+    from nanosd.server import create_app
+    from test_server import call, start
+
+    ref, pipe, tmp = model
+    path = kohya_lora(pipe, tmp_path / "ink.safetensors", 5)
+    folder = tmp / ("sd" if pipe.family == "sd1" else "sdxl")
+    args = ["a cat", "--steps", "3", "--size", "64x64", "--seed", "2", "--sampler", "euler", "--cfg", "7"]
+    assert main(["generate", str(folder)] + args + ["--lora", f"{path}:0.8", "--out", str(tmp_path / "a.png")]) == 0
+    pipe.load_lora(path, 0.8)
+    expected = pipe.generate("a cat", steps=3, height=64, width=64, seed=2, sampler="euler", cfg_scale=7.0).images[0]
+    pipe.unload_loras()
+    assert (np.asarray(Image.open(tmp_path / "a.png").convert("RGB")) == np.asarray(expected)).all()
+    assert main(["convert", str(folder), str(tmp_path / "out" / "baked.safetensors"), "--lora", f"{path}:0.8"]) == 0
+    from nanosd.formats import sd as layouts
+
+    baked = layouts.split(nanosd.io.read_checkpoint(tmp_path / "out" / "baked.safetensors"), pipe.layout)["unet"]
+    base = pipe.unet.state_dict()
+    changed = [k for k in base if not torch.equal(base[k], baked[k])]
+    assert changed and all(k.endswith("weight") for k in changed)
+    pipe.lora_dirs = [tmp_path]
+    url, server = start(create_app(pipe, "tiny"))
+    try:
+        status, listed = call(url, "/sdapi/v1/loras")
+        assert status == 200 and [x["name"] for x in listed] == ["ink"]
+        body = {"prompt": "a cat <lora:ink:0.8>", "steps": 3, "seed": 2, "width": 64, "height": 64,
+                "sampler_name": "Euler", "cfg_scale": 7.0}
+        status, out = call(url, "/sdapi/v1/txt2img", body)
+        assert status == 200, out
+        served = Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB")
+        assert np.abs(np.asarray(served, dtype=float) - np.asarray(expected, dtype=float)).max() <= 1
+        assert "<lora:ink:0.8>" in json.loads(out["info"])["infotexts"][0]
+    finally:
+        server.should_exit = True
+        pipe.lora_dirs = []
