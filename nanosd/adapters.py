@@ -1,7 +1,9 @@
 """Adapters as patches on named modules: a LoRA adds scale * up(down(x)) to the output of the Linear or Conv2d it
 names (Hu et al. 2021; scale = alpha / rank times the user's weight), through a forward hook, so the model classes
 know nothing of it and removing the hook gives back the base model exactly; merged, its delta is added to the
-weight, whose original is kept for an exact unmerge.
+weight, whose original is kept for an exact unmerge. LyCORIS's kinds are the same patch with another delta:
+LoCon's Tucker middle (up(mid(down(x))), the module's stride and padding on mid), LoHa's
+dW = (w1a w1b) * (w2a w2b) and LoKr's dW = kron(w1, w2) (each factor whole or a product), scaled as A1111 does.
 
 Files: kohya / A1111 (`lora_unet_*`, `lora_te_*`, SDXL `lora_te1_*` / `lora_te2_*`; `.lora_down.weight`,
 `.lora_up.weight`, `.alpha`), the U-Net named the diffusers way (SD 1.x files) or the original way (SDXL files),
@@ -19,14 +21,17 @@ from torch import nn
 from .formats import diffusers
 from .io import read_checkpoint
 
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
-            ".lora_A.weight": "down", ".lora_B.weight": "up"}
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
+            ".lora_A.weight": "down", ".lora_B.weight": "up", **{f".{k}": k for k in (
+                "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+                "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}}
 TAG = re.compile(r"<lora:([^:>]+)(?::([+-]?[\d.]+))?(?::([+-]?[\d.]+))?>")
 
 
 @dataclass
 class Lora:
-    """One file's low-rank deltas: (part, module name) -> (down, up, alpha / rank)."""
+    """One file's deltas: (part, module name) -> (kind, tensors, scale): ("lowrank", (down, up, mid or None), alpha /
+    rank) or ("full", (dW,), alpha / dim)."""
     name: str
     deltas: dict
     weights: dict = field(default_factory=dict)  # part kind ("text", "unet") -> the user's weight
@@ -79,22 +84,20 @@ def read(path, pipe, name=None) -> Lora:
     names, modules = targets(pipe), None
     deltas, unmatched = {}, []
     for stem, g in groups.items():
-        if stem not in names or "down" not in g or "up" not in g:
+        if stem not in names:
             unmatched.append(stem)
             continue
         part, module = names[stem]
         modules = modules or {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder",
                                                                                    "text_encoder_2") if getattr(pipe, p)}
-        down, up = g["down"].float(), g["up"].float()
-        rank = down.shape[0]
         target = modules[part][module]
-        want_in = target.in_features if isinstance(target, nn.Linear) else target.in_channels
-        want_out = target.out_features if isinstance(target, nn.Linear) else target.out_channels
-        if down.shape[1] != want_in or up.shape[0] != want_out:
-            raise ValueError(f"{path.name} is a LoRA for another model: {stem} is {up.shape[0]}x{down.shape[1]} but this "
-                             f"{pipe.family or 'model'}'s {module} is {want_out}x{want_in} (an SDXL LoRA on SD 1.x?)")
-        alpha = g["alpha"].item() if "alpha" in g else rank
-        deltas[(part, module)] = (down, up, alpha / rank)
+        kind, tensors, scale = _delta(g, target, f"{path.name}: {stem}")
+        shape = tuple(target.weight.shape)
+        got = (tensors[1].shape[0], tensors[0].shape[1]) if kind == "lowrank" else tuple(tensors[0].shape[:2])
+        if got != shape[:2]:
+            raise ValueError(f"{path.name} is a LoRA for another model: {stem} is {got[0]}x{got[1]} but this "
+                             f"{pipe.family or 'model'}'s {module} is {shape[0]}x{shape[1]} (an SDXL LoRA on SD 1.x?)")
+        deltas[(part, module)] = (kind, tensors, scale)
     if not deltas:
         raise ValueError(f"{path.name} matches no layer of this {pipe.family or 'model'} "
                          f"(first keys: {', '.join(sorted(unmatched)[:3])}): is it a LoRA for another model family?")
@@ -106,18 +109,61 @@ def read(path, pipe, name=None) -> Lora:
     return Lora(name or path.stem, deltas)
 
 
-def _delta_fn(module, down, up):
-    """x -> up(down(x)) in the module's own kind (a 1x1 LoRA stored flat on a 1x1 convolution, or the reverse)."""
-    if isinstance(module, nn.Conv2d):
-        down = down if down.ndim == 4 else down[:, :, None, None]
-        up = up if up.ndim == 4 else up[:, :, None, None]
+def _delta(g: dict, module, what):
+    """A key group's delta as ("lowrank", (down, up, mid), scale) or ("full", (dW,), scale), with A1111's scale:
+    alpha / the inner dimension (no alpha: 1; a LoKr of two whole factors: 1)."""
+    g = {k: v.float() for k, v in g.items()}
+    alpha = g["alpha"].item() if "alpha" in g else None
+    if "down" in g and "up" in g:
+        return "lowrank", (g["down"], g["up"], g.get("mid")), (alpha or g["down"].shape[0]) / g["down"].shape[0]
+    shape = module.weight.shape
+    if "hada_w1_a" in g:
+        w1, w2 = (_factor(g[f"hada_w{i}_a"], g[f"hada_w{i}_b"], g.get(f"hada_t{i}")) for i in (1, 2))
+        dim = g["hada_w1_b"].shape[0]
+        return "full", ((w1 * w2).reshape(shape),), alpha / dim if alpha else 1.0
+    if "lokr_w1" in g or "lokr_w1_a" in g:
+        w1 = g["lokr_w1"] if "lokr_w1" in g else g["lokr_w1_a"] @ g["lokr_w1_b"]
+        w2 = g["lokr_w2"] if "lokr_w2" in g else _factor(g["lokr_w2_a"], g["lokr_w2_b"], g.get("lokr_t2"))
+        dim = g["lokr_w1_b"].shape[0] if "lokr_w1_b" in g else g["lokr_w2_b"].shape[0] if "lokr_w2_b" in g else None
+        w1 = w1[:, :, None, None] if w2.ndim == 4 else w1
+        return "full", (torch.kron(w1, w2).reshape(shape),), alpha / dim if alpha and dim else 1.0
+    raise ValueError(f"{what}: an adapter kind nanosd does not know ({', '.join(sorted(g))})")
+
+
+def _factor(a, b, t=None):
+    """A LyCORIS factor: a @ b, or with a Tucker core t: the core contracted with both (conv kernels)."""
+    if t is None:
+        return a @ b.flatten(1)
+    return torch.einsum("ijkl,jr,ip->prkl", t, b.flatten(1), a.flatten(1))
+
+
+def _delta_fn(module, kind, tensors):
+    """x -> the delta's output, in the module's own kind (a 1x1 LoRA stored flat on a 1x1 convolution, or the
+    reverse); low-rank deltas stay low-rank (two or three thin products, not a full weight)."""
+    conv = isinstance(module, nn.Conv2d)
+    if kind == "full":
+        w = tensors[0]
+        if conv:
+            return lambda x: F.conv2d(x, w.to(x.dtype), None, module.stride, module.padding)
+        return lambda x: F.linear(x, w.to(x.dtype))
+    down, up, mid = tensors
+    if not conv:
+        return lambda x: F.linear(F.linear(x, down.flatten(1).to(x.dtype)), up.flatten(1).to(x.dtype))
+    down = down if down.ndim == 4 else down[:, :, None, None]
+    up = up if up.ndim == 4 else up[:, :, None, None]
+    if mid is None:
         return lambda x: F.conv2d(F.conv2d(x, down.to(x.dtype), None, module.stride, module.padding), up.to(x.dtype))
-    down, up = down.flatten(1), up.flatten(1)
-    return lambda x: F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+    return lambda x: F.conv2d(F.conv2d(F.conv2d(x, down.to(x.dtype)), mid.to(x.dtype), None, module.stride,
+                                       module.padding), up.to(x.dtype))
 
 
-def _delta_weight(module, down, up):
-    """The delta as a weight: up @ down (a 3x3 down: each kernel position through up)."""
+def _delta_weight(module, kind, tensors):
+    """The delta as a weight of the module's shape."""
+    if kind == "full":
+        return tensors[0]
+    down, up, mid = tensors
+    if mid is not None:
+        return torch.einsum("or,rskl,si->oikl", up.flatten(1), mid, down.flatten(1))
     if isinstance(module, nn.Conv2d):
         if down.ndim == 4 and down.shape[-1] > 1:
             return torch.einsum("or,rikl->oikl", up.flatten(1), down)
@@ -129,14 +175,14 @@ def attach(pipe, lora: Lora, merge=False):
     """Patch the modules: hooks (unattached exactly by removing them), or the deltas added to the weights."""
     modules = {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder", "text_encoder_2")
                if getattr(pipe, p) is not None}
-    for (part, name), (down, up, scale) in lora.deltas.items():
+    for (part, name), (kind, tensors, scale) in lora.deltas.items():
         module = modules[part][name]
         s = scale * lora.weights["unet" if part == "unet" else "text"]
         if merge:
             lora.merged[(part, name)] = module.weight.data.clone()
-            module.weight.data += (s * _delta_weight(module, down, up)).to(module.weight.dtype)
+            module.weight.data += (s * _delta_weight(module, kind, tensors)).to(module.weight.dtype)
         else:
-            f = _delta_fn(module, down, up)
+            f = _delta_fn(module, kind, tensors)
             lora.handles.append(module.register_forward_hook(lambda m, inputs, out, f=f, s=s: out + s * f(inputs[0])))
 
 

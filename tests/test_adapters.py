@@ -166,3 +166,57 @@ def test_cli_and_server_take_loras(model, tmp_path, capsys):
     finally:
         server.should_exit = True
         pipe.lora_dirs = []
+
+
+def test_lycoris_kinds_follow_their_formulas(model, tmp_path):
+    """LoCon with a Tucker middle, LoHa and LoKr (whole and factored) on a linear and a 3x3 convolution layer,
+    against the formulas: out = base(x) + w * scale * delta(x), scale = alpha / dim as A1111 has it."""
+    _, pipe, _ = model
+    g = torch.Generator().manual_seed(9)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    lin, conv = "input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.0.in_layers.2"  # 3x3
+    mods = dict(pipe.unet.named_modules())
+    L, C = mods[lin], mods[conv]
+    o, i = L.weight.shape
+    co, ci = C.weight.shape[:2]
+    key = lambda name: "lora_unet_" + name.replace(".", "_")  # noqa: E731  (our own names work as keys too)
+    w1a, w1b, w2a, w2b = r(o, 2), r(2, i), r(o, 2), r(2, i)
+    loha = {f"{key(lin)}.hada_w1_a": w1a, f"{key(lin)}.hada_w1_b": w1b, f"{key(lin)}.hada_w2_a": w2a,
+            f"{key(lin)}.hada_w2_b": w2b, f"{key(lin)}.alpha": torch.tensor(1.0)}
+    down, mid, up = r(2, ci, 1, 1), r(2, 2, 3, 3), r(co, 2, 1, 1)
+    locon = {f"{key(conv)}.lora_down.weight": down, f"{key(conv)}.lora_mid.weight": mid,
+             f"{key(conv)}.lora_up.weight": up, f"{key(conv)}.alpha": torch.tensor(4.0)}
+    k1, k2a, k2b = r(2, 2), r(o // 2, 3), r(3, i // 2)
+    lokr = {f"{key(lin)}.lokr_w1": k1, f"{key(lin)}.lokr_w2_a": k2a, f"{key(lin)}.lokr_w2_b": k2b,
+            f"{key(lin)}.alpha": torch.tensor(6.0)}
+    c1, c2 = r(2, 2), r(co // 2, ci // 2, 3, 3)
+    lokr_conv = {f"{key(conv)}.lokr_w1": c1, f"{key(conv)}.lokr_w2": c2}
+    x, xc = torch.randn(1, 5, i), torch.randn(1, ci, 8, 8)
+    F = torch.nn.functional
+    expected = {
+        "loha": (L, x, (w1a @ w1b) * (w2a @ w2b) * (1.0 / 2)),
+        "lokr": (L, x, torch.kron(k1, k2a @ k2b) * (6.0 / 3)),
+        "locon": (C, xc, None),
+        "lokr_conv": (C, xc, torch.kron(c1[:, :, None, None], c2) * 1.0),  # two whole factors: no scale
+    }
+    for name, tensors in (("loha", loha), ("lokr", lokr), ("locon", locon), ("lokr_conv", lokr_conv)):
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        m, inp, dw = expected[name]
+        with torch.no_grad():
+            base = m(inp)
+            if name == "locon":  # down 1x1, the Tucker middle with the layer's padding, up 1x1; alpha / rank
+                want = base + 0.6 * 2.0 * F.conv2d(F.conv2d(F.conv2d(inp, down), mid, padding=1), up)
+            elif m is C:
+                want = base + 0.6 * F.conv2d(inp, dw, padding=1)
+            else:
+                want = base + 0.6 * inp @ dw.T
+            pipe.load_lora(tmp_path / f"{name}.safetensors", 0.6)
+            got = m(inp)
+            pipe.unload_loras()
+            pipe.load_lora(tmp_path / f"{name}.safetensors", 0.6, merge=True)
+            merged = m(inp)
+            pipe.unload_loras()
+            assert torch.equal(m(inp), base)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-4)
+        assert (want - base).abs().max() > 1e-2
