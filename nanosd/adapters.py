@@ -9,6 +9,10 @@ Files: kohya / A1111 (`lora_unet_*`, `lora_te_*`, SDXL `lora_te1_*` / `lora_te2_
 `.lora_up.weight`, `.alpha`), the U-Net named the diffusers way (SD 1.x files) or the original way (SDXL files),
 and diffusers / PEFT files (`unet.*`, `text_encoder.*`, `text_encoder_2.*` with `.lora_A.weight` / `.lora_B.weight`).
 Prompt tags: `<lora:NAME:W>` or `<lora:NAME:TE_W:UNET_W>`, for one generation.
+
+Textual inversion: new token vectors (A1111's `.pt` `string_to_param` and `.safetensors` `emb_params`, diffusers'
+learned_embeds, SDXL's `clip_l` + `clip_g`), appended to each text encoder's token embedding and used where the
+prompt names them.
 """
 import re
 from dataclasses import dataclass, field
@@ -234,3 +238,32 @@ def setup(pipe, specs=(), dirs=(), merge=False):
         path, weight = (spec.rsplit(":", 1)[0], float(spec.rsplit(":", 1)[1])) \
             if re.fullmatch(r".+:[+-]?[\d.]+", spec) else (spec, 1.0)
         pipe.load_lora(path, weight, merge)
+
+
+def read_embedding(path, pipe) -> dict:
+    """A textual-inversion file's vectors for each text part: {"text_encoder": (n, width), ...}."""
+    path = Path(path)
+    t = read_checkpoint(path)
+    parts = [p for p in ("text_encoder", "text_encoder_2") if getattr(pipe, p) is not None]
+    if "clip_l" in t or "clip_g" in t:  # SDXL's: one set of vectors per encoder
+        found = {"text_encoder": t.get("clip_l"), "text_encoder_2": t.get("clip_g")}
+    else:
+        vectors = t.get("emb_params")
+        vectors = vectors if vectors is not None else next((v for k, v in t.items() if k.startswith("string_to_param.")),
+                                                           None)
+        if vectors is None and len(t) == 1:  # diffusers' learned_embeds: {token: vectors}
+            vectors = next(iter(t.values()))
+        if vectors is None:
+            raise ValueError(f"{path.name} is not a textual-inversion embedding (no emb_params, string_to_param, "
+                             "clip_l/clip_g or single learned vector)")
+        found = {"text_encoder": vectors}
+    out = {}
+    for part in parts:
+        v = found.get(part)
+        width = getattr(pipe, part).cfg.width
+        if v is None or v.reshape(-1, v.shape[-1]).shape[-1] != width:
+            have = ", ".join(f"{k} {tuple(x.shape)}" for k, x in found.items() if x is not None)
+            raise ValueError(f"{path.name} is an embedding for another model ({have}); this "
+                             f"{pipe.family or 'model'}'s {part.replace('_', ' ')} takes vectors of width {width}")
+        out[part] = v.reshape(-1, width).float()
+    return out

@@ -126,6 +126,15 @@ def stream_tensors(path, dtype=None):
         raise _unreadable(path, e) from None
 
 
+def _tensors(tree, prefix=""):
+    """The tensors of nested dicts, keys joined with dots (A1111's embeddings keep theirs in string_to_param)."""
+    for k, v in tree.items():
+        if isinstance(v, torch.Tensor):
+            yield prefix + str(k), v
+        elif isinstance(v, dict):
+            yield from _tensors(v, f"{prefix}{k}.")
+
+
 def read_checkpoint(path, dtype=None) -> dict:
     """All tensors of a .safetensors file (streamed), or of a .ckpt through the weights-only unpickler (never plain
     pickle); floating-point tensors cast to `dtype` when given."""
@@ -145,8 +154,7 @@ def read_checkpoint(path, dtype=None) -> dict:
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
         if not isinstance(sd, dict):
             raise ValueError(f"checkpoint {path} holds no state dict")
-        return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in _tensors(sd)}
     return dict(stream_tensors(path, dtype))
 
 

@@ -220,6 +220,14 @@ class Pipeline:
         self.loras.append(lora)
         return lora
 
+    def load_embedding(self, path, token=None):
+        """A textual-inversion embedding, used where a prompt (or negative prompt) has `token` (default: the file's
+        stem, as A1111 names them) as a word."""
+        token = token or Path(path).stem
+        for part, vectors in adapters.read_embedding(path, self).items():
+            (self.conditioner.text if part == "text_encoder" else self.conditioner.text2).add_embedding(token, vectors)
+        return token
+
     def unload_loras(self):
         """Back to the base weights, exactly (merged ones restored in reverse order)."""
         for lora in reversed(self.loras):

@@ -373,6 +373,7 @@ class TextConditioner(nn.Module):
     def __init__(self, kind: str, clip: CLIPTextConfig | None = None, tokenizer=None):
         super().__init__()
         self.kind = kind
+        self.embeddings = {}  # textual inversion: token -> its ids past the vocabulary
         if kind == "clip":
             self.tokenizer = tokenizer or CLIPTokenizer.from_vocab(max_length=clip.max_length)
             self.model = CLIPTextModel(clip)
@@ -387,6 +388,26 @@ class TextConditioner(nn.Module):
             self._cache = {}
         else:
             raise ValueError(f"text encoder {kind!r} is unknown: choose clip or minilm")
+
+    def add_embedding(self, token: str, vectors: torch.Tensor):
+        """Textual inversion: `vectors` (n, width) appended to the token embedding, read where a prompt has `token`
+        as a word (n tokens in its place)."""
+        emb = self.model.embeddings.token_embedding
+        start = emb.num_embeddings
+        grown = nn.Embedding(start + len(vectors), emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
+        grown.weight.data = torch.cat([emb.weight.data, vectors.to(emb.weight)])
+        self.model.embeddings.token_embedding = grown.requires_grad_(emb.weight.requires_grad)
+        self.embeddings[token] = list(range(start, start + len(vectors)))
+
+    def ids(self, text: str) -> list[int]:
+        """The text's token ids, an embedding's tokens where its name stands as a word."""
+        if not self.embeddings:
+            return self.tokenizer.ids(text)
+        names = "|".join(map(regex.escape, sorted(self.embeddings, key=len, reverse=True)))
+        out = []
+        for i, part in enumerate(regex.split(rf"(?<!\w)({names})(?!\w)", text)):
+            out += self.embeddings[part] if i % 2 else self.tokenizer.ids(part)
+        return out
 
     @property
     def width(self):
@@ -424,7 +445,7 @@ class TextConditioner(nn.Module):
         for p in prompts:
             ids, w = [], []
             for piece, weight in parse_weights(p):
-                piece_ids = tok.ids(piece)
+                piece_ids = self.ids(piece)
                 ids, w = ids + piece_ids, w + [weight] * len(piece_ids)
             tokens.append(ids), weights.append(w)
         k = max(1, *(math.ceil(len(ids) / n) for ids in tokens))

@@ -241,3 +241,34 @@ def test_a_diffusers_peft_lora_matches_the_reference(model):
     ours = pipe.generate(PROMPTS, NEGATIVES, **KW).images
     pipe.unload_loras()
     torch.testing.assert_close(ours, theirs(ref, [tmp / "peft.safetensors"], [0.8]), atol=1e-4, rtol=0)
+
+
+def test_textual_inversion_matches_the_reference(model, tmp_path):
+    """A two-vector embedding (A1111's .pt for SD 1.x, clip_l + clip_g safetensors for SDXL) used by its file's
+    stem in the prompt and the negative prompt; an embedding of another width is refused in one line."""
+    ref, pipe, tmp = model
+    g = torch.Generator().manual_seed(4)
+    ref.unload_lora_weights()
+    if pipe.family == "sdxl":
+        l, big = torch.randn(2, 32, generator=g), torch.randn(2, 48, generator=g)
+        path = tmp_path / "inkstyle.safetensors"
+        save_file({"clip_l": l, "clip_g": big}, path)
+        ref.load_textual_inversion(l, token="inkstyle", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+        ref.load_textual_inversion(big, token="inkstyle", text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2)
+    else:
+        path = tmp_path / "inkstyle.pt"
+        torch.save({"string_to_param": {"*": torch.randn(2, 32, generator=g)}, "string_to_token": {"*": 265},
+                    "name": "inkstyle", "step": 100}, path)
+        ref.load_textual_inversion(str(path), token="inkstyle")
+    prompts, negatives = ["a photo of inkstyle cat", "a red house"], ["inkstyle", ""]
+    base = pipe.generate(prompts, negatives, **KW).images
+    assert pipe.load_embedding(path) == "inkstyle"
+    ours = pipe.generate(prompts, negatives, **KW).images
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    expected = ref(prompts, negative_prompt=negatives, num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
+                   output_type="pt", generator=torch.Generator().manual_seed(7)).images
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    assert (ours - base).abs().max() > 1e-2
+    save_file({"emb_params": torch.randn(2, 99)}, tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match="wide.safetensors is an embedding for another model"):
+        pipe.load_embedding(tmp_path / "wide.safetensors")
