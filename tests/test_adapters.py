@@ -228,16 +228,16 @@ def test_a_diffusers_peft_lora_matches_the_reference(model):
     kohya = nanosd.io.read_checkpoint(kohya_lora(pipe, tmp / "k.safetensors", 11))
     from nanosd.adapters import targets
 
-    where, theirs = targets(pipe), {}
+    where, peft = targets(pipe), {}
     dotted = {v: k for k, v in where.items() if k.startswith(("unet.", "text_encoder"))}  # (part, ours) -> theirs
     for key, v in kohya.items():
         stem, suffix = key.split(".", 1)
         if suffix == "alpha":
             continue
-        theirs[f"{dotted[where[stem]]}.{'lora_A' if 'down' in suffix else 'lora_B'}.weight"] = v
-    save_file(theirs, tmp / "peft.safetensors")
+        peft[f"{dotted[where[stem]]}.{'lora_A' if 'down' in suffix else 'lora_B'}.weight"] = v
+    save_file(peft, tmp / "peft.safetensors")
     lora = pipe.load_lora(tmp / "peft.safetensors", 0.8)
-    assert len(lora.deltas) == len(theirs) // 2 and {s for _, _, s in lora.deltas.values()} == {1.0}
+    assert len(lora.deltas) == len(peft) // 2 and {s for _, _, s in lora.deltas.values()} == {1.0}
     ours = pipe.generate(PROMPTS, NEGATIVES, **KW).images
     pipe.unload_loras()
     torch.testing.assert_close(ours, theirs(ref, [tmp / "peft.safetensors"], [0.8]), atol=1e-4, rtol=0)
