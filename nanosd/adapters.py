@@ -38,6 +38,7 @@ class Lora:
     rank) or ("full", (dW,), alpha / dim)."""
     name: str
     deltas: dict
+    path: Path | None = None
     weights: dict = field(default_factory=dict)  # part kind ("text", "unet") -> the user's weight
     handles: list = field(default_factory=list)  # forward hooks while attached
     merged: dict = field(default_factory=dict)  # (part, module) -> the original weight while merged
@@ -110,7 +111,7 @@ def read(path, pipe, name=None) -> Lora:
 
         warnings.warn(f"{path.name}: {len(unmatched)} LoRA keys match no layer and are left out: "
                       f"{', '.join(sorted(unmatched)[:5])}{' …' if len(unmatched) > 5 else ''}", stacklevel=3)
-    return Lora(name or path.stem, deltas)
+    return Lora(name or path.stem, deltas, path)
 
 
 def _delta(g: dict, module, what):
@@ -201,6 +202,20 @@ def detach(pipe, lora: Lora):
     lora.merged.clear()
 
 
+def short_hash(path) -> str:
+    """A1111's LoRA hash: SHA-256 of a .safetensors file's tensor data (after its header: the "addnet" hash, blind
+    to metadata edits) or of the whole file otherwise; its first 12 hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if str(path).endswith(".safetensors"):
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def tags(prompts) -> list[tuple[str, float, float]]:
     """A1111's <lora:NAME:W> / <lora:NAME:TE_W:UNET_W> tags of the prompts, in order, each name once."""
     found = {}
@@ -267,3 +282,59 @@ def read_embedding(path, pipe) -> dict:
                              f"{pipe.family or 'model'}'s {part.replace('_', ' ')} takes vectors of width {width}")
         out[part] = v.reshape(-1, width).float()
     return out
+
+
+class LoraUNet(nn.Module):
+    """A frozen U-Net with trainable LoRA deltas on its Linear and Conv2d modules whose names contain one of
+    `targets` (down: small random, up: zero, so training starts from the base model). Only the deltas are
+    parameters: the trainer's optimizer, EMA and checkpoints hold them alone. Calling it runs the base U-Net with
+    this instance's deltas added by hooks (the EMA copy shares the hooks, not the deltas)."""
+    active = None  # the LoraUNet being called
+
+    def __init__(self, base: nn.Module, rank=8, alpha=8.0, targets=("attn", "ff", "proj_", "in_layers", "out_layers")):
+        super().__init__()
+        object.__setattr__(self, "base", base.requires_grad_(False))  # not a submodule: not trained, not saved
+        self.cfg, self.rank, self.alpha = base.cfg, rank, alpha
+        self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
+        g = torch.Generator().manual_seed(0)
+        for name, m in base.named_modules():
+            if not isinstance(m, (nn.Linear, nn.Conv2d)) or not any(t in name for t in targets):
+                continue
+            key = name.replace(".", "_")
+            conv = isinstance(m, nn.Conv2d)
+            shape = (rank, m.in_channels, *m.kernel_size) if conv else (rank, m.in_features)
+            fan_in = shape[1] * (shape[2] * shape[3] if conv else 1)
+            self.down[key] = nn.Parameter(torch.randn(*shape, generator=g) / fan_in ** 0.5)
+            self.up[key] = nn.Parameter(torch.zeros(m.out_channels if conv else m.out_features, rank,
+                                                    *((1, 1) if conv else ())))
+            m.register_forward_hook(lambda mod, inputs, out, key=key: LoraUNet._add(mod, key, inputs[0], out))
+        if not self.down:
+            raise ValueError(f"lora.targets {list(targets)} name no Linear or Conv2d module of the U-Net")
+
+    def _apply(self, fn, *args, **kw):  # .to(device) moves the frozen base along
+        self.base._apply(fn, *args, **kw)
+        return super()._apply(fn, *args, **kw)
+
+    @staticmethod
+    def _add(module, key, x, out):
+        me = LoraUNet.active
+        if me is None or key not in me.down:
+            return out
+        f = _delta_fn(module, "lowrank", (me.down[key], me.up[key], None))
+        return out + (me.alpha / me.rank) * f(x)
+
+    def forward(self, *args, **kw):
+        previous, LoraUNet.active = LoraUNet.active, self
+        try:
+            return self.base(*args, **kw)
+        finally:
+            LoraUNet.active = previous
+
+    def kohya(self) -> dict:
+        """The deltas as a kohya/A1111 LoRA file's tensors (our module names, which nanosd reads back)."""
+        out = {}
+        for key in self.down:
+            out.update({f"lora_unet_{key}.lora_down.weight": self.down[key].detach().float().contiguous(),
+                        f"lora_unet_{key}.lora_up.weight": self.up[key].detach().float().contiguous(),
+                        f"lora_unet_{key}.alpha": torch.tensor(float(self.alpha))})
+        return out

@@ -86,6 +86,15 @@ class SampleConfig:
 
 
 @dataclass
+class LoraConfig:
+    base: str = ""  # the run folder whose U-Net the LoRA patches (frozen); its autoencoder and conditioner too
+    rank: int = 8
+    alpha: float = 8.0  # the deltas are scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["attn", "ff", "proj_", "in_layers", "out_layers"])  # module
+    # names containing one of these get a delta (attention, feed-forward, projections, the ResBlocks' convolutions)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -95,6 +104,7 @@ class Config:
     autoencoder: AutoencoderConfig | None = None  # present: a latent diffusion model over this autoencoder
     autoencoder_train: TrainConfig | None = None  # how to train that autoencoder when none is given
     condition: ConditionConfig | None = None  # present: a conditioned model (text or class labels)
+    lora: LoraConfig | None = None  # present: train a LoRA on lora.base (a run folder) instead of a model
 
     def validate(self):
         self.unet.validate()

@@ -13,7 +13,7 @@ from .formats import diffusers, sd
 from .images import as_tensor, to_pil
 from .io import load_into, read_checkpoint, save_tensors
 from .request import Generation, Request
-from .run import is_run, load_run
+from .run import LORA, is_run, load_run, lora_run
 from .samplers import after_step
 from .schedule import Schedule
 from .unet import UNet
@@ -245,7 +245,9 @@ class Pipeline:
                 tagged.append(adapters.read(adapters.find(name, self.lora_dirs), self, name))
                 tagged[-1].weights = {"text": text_w, "unet": unet_w}
                 adapters.attach(self, tagged[-1])
-            return self._generate(r, callback)
+            made = self._generate(r, callback)
+            made.lora_hashes = {lora.name: adapters.short_hash(lora.path) for lora in tagged}
+            return made
         finally:
             for lora in reversed(tagged):
                 adapters.detach(self, lora)
@@ -378,6 +380,10 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
     if is_run(path):
         if vae is not None or family is not None or prediction is not None:
             raise ValueError("vae=, family= and prediction= apply to Stable Diffusion checkpoints, not to run folders")
+        if (lora := lora_run(path)) is not None:  # a LoRA run: its base, patched
+            pipe = load(lora.base, precision, compile)
+            pipe.load_lora(path / LORA)
+            return pipe
         cfg, model, ae, guide = load_run(path)
         pipe = Pipeline.of(model, Schedule.of(cfg.diffusion), cfg, ae, precision, guide)
     elif path.is_dir() and (path / "unet").is_dir():

@@ -55,7 +55,11 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
     same wall-clock budget, then the U-Net on the cached, scaled latents."""
     run_dir = Path(run_dir)
+    if cfg is not None and cfg.lora:
+        cfg = lora_config(cfg)
     cfg = _open_run(cfg, run_dir, minutes, steps)
+    if cfg.lora:
+        return train_lora(cfg, run_dir)
     data = load_dataset(cfg.data.name, cfg.data.size)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)
@@ -100,6 +104,60 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     if world > 1:
         dist.barrier()  # rank 0's last checkpoint and grid are written before anyone leaves
         dist.destroy_process_group()  # gloo's threads end here, not in the interpreter's exit (which can abort)
+    return run_dir
+
+
+def lora_config(cfg: Config) -> Config:
+    """A LoRA recipe's config: the base run's model (U-Net, autoencoder, diffusion, condition) with the recipe's
+    own data, training, sampling and LoRA settings."""
+    base = Path(cfg.lora.base)
+    if not run.is_run(base):
+        raise FileNotFoundError(f"lora.base {base} is not a run folder (config.toml + model.safetensors): "
+                                "train the base model first")
+    b = load_config(base / run.CONFIG)
+    if b.lora:
+        raise ValueError(f"lora.base {base} is itself a LoRA run: give the run folder it patches")
+    return replace(cfg, unet=b.unet, autoencoder=b.autoencoder, diffusion=b.diffusion, condition=b.condition,
+                   data=replace(cfg.data, size=b.data.size), autoencoder_train=None)
+
+
+def train_lora(cfg: Config, run_dir: Path):
+    """A LoRA on a frozen run (lora.base): the one trainer on the deltas alone, the base's autoencoder and
+    conditioner; the deltas written in kohya's format (run_dir/lora.safetensors) at the end."""
+    from .adapters import LoraUNet
+
+    base = Path(cfg.lora.base)
+    _, model, ae, _ = run.load_run(base)
+    data = load_dataset(cfg.data.name, cfg.data.size)
+    rank, world, device = distributed()
+    if world > 1:
+        raise ValueError("LoRA training runs in one process for now: start it without torchrun")
+    if ae is not None:
+        data, _ = latent_data(cfg, base / run.AUTOENCODER, ae, data)
+    if cfg.condition:
+        cfg = with_condition(cfg, data)
+    run.write_config(cfg, run_dir)
+    conditioned = isinstance(model, ConditionedUNet)
+    lora = LoraUNet(model.unet if conditioned else model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    net = ConditionedUNet(lora, model.conditioner.requires_grad_(False)) if conditioned else lora
+    schedule = Schedule.of(cfg.diffusion)
+
+    def loss_fn(model, batch, g, step):
+        return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
+                              weighting=cfg.diffusion.loss_weighting)
+
+    trainer = Trainer(run_dir, net, loss_fn, data, cfg.train, evaluate=grids(cfg, run_dir, schedule, ae, data),
+                      device=device)
+    if trainer.resume():
+        print(f"resuming {run_dir} from step {trainer.step}")
+    print(f"LoRA of rank {cfg.lora.rank} on {len(lora.down)} modules of {base} "
+          f"({sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M parameters), {len(data)} samples of {cfg.data.name}")
+    trainer.fit()
+    ema = trainer.ema.unet if conditioned else trainer.ema
+    save_tensors(ema.kohya(), run_dir / run.LORA, metadata={"ss_network_dim": str(cfg.lora.rank),
+                                                              "ss_network_alpha": str(cfg.lora.alpha),
+                                                              "nanosd_base": str(base)})
+    print(f"wrote {run_dir / run.LORA} (use it: nanosd generate {base} --lora {run_dir / run.LORA}:1.0)")
     return run_dir
 
 

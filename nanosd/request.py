@@ -159,6 +159,10 @@ class Generation:
     """What generate() returns: the images and the resolved request that made them."""
     images: Any  # a list of PIL images, or a (N, C, H, W) tensor (output="tensor" or "latent")
     request: Request
+    lora_hashes: dict = dataclasses.field(default_factory=dict)  # the prompt tags' LoRAs: name -> A1111's short hash
 
     def infotext(self, index=0, model="") -> str:
-        return self.request.infotext(index, model)
+        text = self.request.infotext(index, model)
+        if self.lora_hashes:  # as A1111 writes them
+            text += ', Lora hashes: "' + ", ".join(f"{k}: {v}" for k, v in self.lora_hashes.items()) + '"'
+        return text

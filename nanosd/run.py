@@ -23,6 +23,7 @@ METRICS = "metrics.jsonl"
 GRID = "samples.png"
 GRIDS = "samples"
 AUTOENCODER = "autoencoder"
+LORA = "lora.safetensors"  # a LoRA run's deltas, in kohya's format (A1111, ComfyUI and nanosd's --lora read it)
 
 
 def is_run(path) -> bool:
@@ -101,3 +102,8 @@ def load_run(path: Path):
     model = ConditionedUNet(unet, bind_conditioner(Conditioner(cfg.condition), ae, cfg)) if cfg.condition else unet
     load_into(model, load_tensors(path / WEIGHTS), f"{path / WEIGHTS}")
     return cfg, model, ae, load_guide(path, cfg)
+
+
+def lora_run(path: Path):
+    """A LoRA run's LoraConfig (its base and settings), or None for any other run."""
+    return load_config(Path(path) / CONFIG).lora

@@ -98,6 +98,11 @@ def test_a_prompt_tag_applies_a_lora_to_that_generation_only(model):
     pipe.unload_loras()
     torch.testing.assert_close(tagged.images, loaded, atol=1e-6, rtol=0)
     assert "<lora:style:0.7>" in tagged.infotext(0)
+    import hashlib
+
+    data = (tmp / "style.safetensors").read_bytes()  # A1111's hash: the tensor data after the header
+    digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    assert tagged.infotext(0).endswith(f'Lora hashes: "style: {digest}"')
     assert (pipe.generate(PROMPTS, NEGATIVES, **KW).images - loaded).abs().max() > 1e-2  # gone again
     with pytest.raises(FileNotFoundError, match="<lora:missing> names no file missing.safetensors"):
         pipe.generate("a cat <lora:missing:1>")
