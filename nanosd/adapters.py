@@ -246,9 +246,12 @@ def find(name, dirs) -> Path:
                             f"({', '.join(map(str, dirs)) or 'none: set pipe.lora_dirs or --lora-dir'})")
 
 
-def setup(pipe, specs=(), dirs=(), merge=False):
-    """LoRAs given as FILE or FILE:WEIGHT (the CLI's and the server's --lora), and the folders tags look in."""
+def setup(pipe, specs=(), dirs=(), merge=False, embedding_dirs=()):
+    """LoRAs given as FILE or FILE:WEIGHT (the CLI's and the server's --lora), the folders tags look in, and every
+    embedding of the embedding folders (as A1111 loads its embeddings/ folder), by file stem."""
     pipe.lora_dirs = [Path(d) for d in dirs or []]
+    for f in files(embedding_dirs or []):
+        pipe.load_embedding(f)
     for spec in specs or []:
         path, weight = (spec.rsplit(":", 1)[0], float(spec.rsplit(":", 1)[1])) \
             if re.fullmatch(r".+:[+-]?[\d.]+", spec) else (spec, 1.0)

@@ -76,7 +76,7 @@ def add_loras(pipe, a, merge=False):
     """--lora FILE[:W] (each loaded at its weight; merged into the weights for convert) and --lora-dir DIR."""
     from .adapters import setup
 
-    setup(pipe, a.lora, a.lora_dir, merge)
+    setup(pipe, a.lora, a.lora_dir, merge, a.embedding_dir)
 
 
 def _size(text, flag):
@@ -146,7 +146,7 @@ def cmd_serve(a):
     from .server import serve
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, family=a.family, prediction=a.prediction,
-          config=a.config, loras=a.lora, lora_dirs=a.lora_dir)
+          config=a.config, loras=a.lora, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir)
 
 
 def cmd_eval(a):
@@ -178,6 +178,8 @@ def load_options(p):
     p.add_argument("--config", help="SD single files: a diffusers folder whose configs describe the architecture")
     p.add_argument("--lora", action="append", help="a LoRA file, FILE or FILE:WEIGHT (repeatable)")
     p.add_argument("--lora-dir", action="append", help="where prompt tags <lora:NAME:W> find NAME.safetensors")
+    p.add_argument("--embedding-dir", action="append", help="textual-inversion embeddings, each used in prompts by "
+                                                            "its file's stem (repeatable)")
 
 
 def main(argv=None):

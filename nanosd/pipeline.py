@@ -44,6 +44,7 @@ class Pipeline:
         self.vae_tile = 96  # latents larger than this decode in tiles (96 = 768 px for SD)
         self.loras = []  # LoRAs loaded with load_lora, in order
         self.lora_dirs = []  # where prompt tags <lora:NAME:W> find NAME.safetensors
+        self.embeddings = {}  # textual inversion: token -> what A1111's /sdapi/v1/embeddings says of it
 
     @classmethod
     def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32", guide=None):
@@ -224,8 +225,12 @@ class Pipeline:
         """A textual-inversion embedding, used where a prompt (or negative prompt) has `token` (default: the file's
         stem, as A1111 names them) as a word."""
         token = token or Path(path).stem
-        for part, vectors in adapters.read_embedding(path, self).items():
+        found = adapters.read_embedding(path, self)
+        for part, vectors in found.items():
             (self.conditioner.text if part == "text_encoder" else self.conditioner.text2).add_embedding(token, vectors)
+        first = next(iter(found.values()))
+        self.embeddings[token] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                  "shape": first.shape[-1], "vectors": first.shape[0]}
         return token
 
     def unload_loras(self):

@@ -315,6 +315,10 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     async def loras():  # as A1111 lists them: the files prompt tags <lora:NAME:W> can name
         return [{"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}} for f in adapters.files(pipe.lora_dirs)]
 
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():  # as A1111 answers: the embeddings loaded, by name
+        return {"loaded": pipe.embeddings, "skipped": {}}
+
     @app.get("/sdapi/v1/progress")
     async def progress():
         job = server.current
@@ -391,7 +395,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
 
 def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None, family=None,
-          prediction=None, config=None, loras=(), lora_dirs=()):
+          prediction=None, config=None, loras=(), lora_dirs=(), embedding_dirs=()):
     import uvicorn
 
     from .adapters import setup
@@ -400,6 +404,6 @@ def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise ValueError(f"--host {host} opens the server to other machines: give --api-key KEY as well")
     pipe = load(model, family=family, prediction=prediction, config=config)
-    setup(pipe, loras, lora_dirs)
+    setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
     name = Path(model).stem if Path(model).is_file() else Path(model).name
     uvicorn.run(create_app(pipe, name, limits, api_key), host=host, port=port, log_level="warning")

@@ -119,10 +119,15 @@ def test_bad_lora_files_get_one_line_errors_and_the_model_still_works(model, tmp
            else "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q")
     save_file({f"{key}.lora_down.weight": torch.zeros(2, 1280), f"{key}.lora_up.weight": torch.zeros(1280, 2)},
               tmp_path / "other.safetensors")
-    for name, words in (("cut", "unreadable or truncated"), ("none", "matches no layer of this"),
-                        ("other", "is a LoRA for another model")):
+    from test_sd import Hostile
+
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1), "payload": Hostile(tmp_path / "pwned")},
+               tmp_path / "evil.pt")
+    for name, words in (("cut.safetensors", "unreadable or truncated"), ("none.safetensors", "matches no layer of"),
+                        ("other.safetensors", "is a LoRA for another model"), ("evil.pt", "cannot be read safely")):
         with pytest.raises(ValueError, match=words):
-            pipe.load_lora(tmp_path / f"{name}.safetensors")
+            pipe.load_lora(tmp_path / name)
+    assert not (tmp_path / "pwned").exists()  # the pickle's code never ran
     assert not pipe.loras and torch.equal(pipe.generate(PROMPTS, NEGATIVES, **KW).images, base)
 
 
@@ -274,6 +279,16 @@ def test_textual_inversion_matches_the_reference(model, tmp_path):
                    output_type="pt", generator=torch.Generator().manual_seed(7)).images
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
     assert (ours - base).abs().max() > 1e-2
+    assert pipe.embeddings["inkstyle"]["vectors"] == 2
+    from nanosd.server import create_app
+    from test_server import call, start
+
+    url, server = start(create_app(pipe, "tiny"))
+    try:
+        status, listed = call(url, "/sdapi/v1/embeddings")
+    finally:
+        server.should_exit = True
+    assert status == 200 and listed["loaded"]["inkstyle"]["shape"] == 32
     save_file({"emb_params": torch.randn(2, 99)}, tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match="wide.safetensors is an embedding for another model"):
         pipe.load_embedding(tmp_path / "wide.safetensors")
