@@ -41,7 +41,6 @@ class Lora:
     path: Path | None = None
     weights: dict = field(default_factory=dict)  # part kind ("text", "unet") -> the user's weight
     handles: list = field(default_factory=list)  # forward hooks while attached
-    merged: dict = field(default_factory=dict)  # (part, module) -> the original weight while merged
 
 
 def targets(pipe) -> dict:
@@ -183,8 +182,8 @@ def attach(pipe, lora: Lora, merge=False):
     for (part, name), (kind, tensors, scale) in lora.deltas.items():
         module = modules[part][name]
         s = scale * lora.weights["unet" if part == "unet" else "text"]
-        if merge:
-            lora.merged[(part, name)] = module.weight.data.clone()
+        if merge:  # the weight as it was before any merge is kept once, however many LoRAs merge into it
+            pipe.unmerged.setdefault((part, name), module.weight.data.clone())
             module.weight.data += (s * _delta_weight(module, kind, tensors)).to(module.weight.dtype)
         else:
             f = _delta_fn(module, kind, tensors)
@@ -192,14 +191,19 @@ def attach(pipe, lora: Lora, merge=False):
 
 
 def detach(pipe, lora: Lora):
+    """Remove a LoRA's hooks (merged LoRAs leave with restore())."""
     for h in lora.handles:
         h.remove()
     lora.handles.clear()
+
+
+def restore(pipe):
+    """Every merged weight back to what it was before the first merge, exactly."""
     modules = {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder", "text_encoder_2")
                if getattr(pipe, p) is not None}
-    for (part, name), original in lora.merged.items():
+    for (part, name), original in pipe.unmerged.items():
         modules[part][name].weight.data.copy_(original)
-    lora.merged.clear()
+    pipe.unmerged.clear()
 
 
 def short_hash(path) -> str:

@@ -43,6 +43,7 @@ class Pipeline:
         self.progress = False  # a tqdm bar over the sampler's steps (the CLI turns it on)
         self.vae_tile = 96  # latents larger than this decode in tiles (96 = 768 px for SD)
         self.loras = []  # LoRAs loaded with load_lora, in order
+        self.unmerged = {}  # (part, module) -> its weight before LoRAs were merged into it
         self.lora_dirs = []  # where prompt tags <lora:NAME:W> find NAME.safetensors
         self.embeddings = {}  # textual inversion: token -> what A1111's /sdapi/v1/embeddings says of it
 
@@ -234,9 +235,10 @@ class Pipeline:
         return token
 
     def unload_loras(self):
-        """Back to the base weights, exactly (merged ones restored in reverse order)."""
-        for lora in reversed(self.loras):
+        """Back to the base weights, exactly (hooks removed, merged weights restored)."""
+        for lora in self.loras:
             adapters.detach(self, lora)
+        adapters.restore(self)
         self.loras.clear()
 
     @torch.no_grad()
