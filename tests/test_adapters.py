@@ -104,6 +104,12 @@ def test_a_prompt_tag_applies_a_lora_to_that_generation_only(model):
     digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
     assert tagged.infotext(0).endswith(f'Lora hashes: "style: {digest}"')
     assert (pipe.generate(PROMPTS, NEGATIVES, **KW).images - loaded).abs().max() > 1e-2  # gone again
+    two = pipe.generate([p + " <lora:style:0.7:0.7>" for p in PROMPTS], NEGATIVES, **KW).images  # TE_W:UNET_W
+    assert torch.equal(two, tagged.images)
+    off = pipe.generate([p + " <lora:style:0:0>" for p in PROMPTS], NEGATIVES, **KW).images
+    assert torch.equal(off, pipe.generate(PROMPTS, NEGATIVES, **KW).images)  # the tag is not read as text
+    unet_only = pipe.generate([p + " <lora:style:0:0.7>" for p in PROMPTS], NEGATIVES, **KW).images
+    assert not torch.equal(unet_only, off) and not torch.equal(unet_only, two)
     with pytest.raises(FileNotFoundError, match="<lora:missing> names no file missing.safetensors"):
         pipe.generate("a cat <lora:missing:1>")
 
