@@ -130,13 +130,13 @@ def train_lora(cfg: Config, run_dir: Path):
     _, model, ae, _ = run.load_run(base)
     data = load_dataset(cfg.data.name, cfg.data.size)
     rank, world, device = distributed()
-    if world > 1:
-        raise ValueError("LoRA training runs in one process for now: start it without torchrun")
+    say = print if rank == 0 else (lambda *a: None)
     if ae is not None:
         data, _ = latent_data(cfg, base / run.AUTOENCODER, ae, data)
     if cfg.condition:
         cfg = with_condition(cfg, data)
-    run.write_config(cfg, run_dir)
+    if rank == 0:
+        run.write_config(cfg, run_dir)
     conditioned = isinstance(model, ConditionedUNet)
     lora = LoraUNet(model.unet if conditioned else model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     net = ConditionedUNet(lora, model.conditioner.requires_grad_(False)) if conditioned else lora
@@ -149,15 +149,19 @@ def train_lora(cfg: Config, run_dir: Path):
     trainer = Trainer(run_dir, net, loss_fn, data, cfg.train, evaluate=grids(cfg, run_dir, schedule, ae, data),
                       device=device)
     if trainer.resume():
-        print(f"resuming {run_dir} from step {trainer.step}")
-    print(f"LoRA of rank {cfg.lora.rank} on {len(lora.down)} modules of {base} "
+        say(f"resuming {run_dir} from step {trainer.step}")
+    say(f"LoRA of rank {cfg.lora.rank} on {len(lora.down)} modules of {base} "
           f"({sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M parameters), {len(data)} samples of {cfg.data.name}")
     trainer.fit()
-    ema = trainer.ema.unet if conditioned else trainer.ema
-    save_tensors(ema.kohya(), run_dir / run.LORA, metadata={"ss_network_dim": str(cfg.lora.rank),
-                                                              "ss_network_alpha": str(cfg.lora.alpha),
-                                                              "nanosd_base": str(base)})
-    print(f"wrote {run_dir / run.LORA} (use it: nanosd generate {base} --lora {run_dir / run.LORA}:1.0)")
+    if rank == 0:
+        ema = trainer.ema.unet if conditioned else trainer.ema
+        save_tensors(ema.kohya(), run_dir / run.LORA, metadata={"ss_network_dim": str(cfg.lora.rank),
+                                                                  "ss_network_alpha": str(cfg.lora.alpha),
+                                                                  "nanosd_base": str(base)})
+        say(f"wrote {run_dir / run.LORA} (use it: nanosd generate {base} --lora {run_dir / run.LORA}:1.0)")
+    if world > 1:
+        dist.barrier()  # rank 0's LoRA file is written before anyone leaves
+        dist.destroy_process_group()
     return run_dir
 
 

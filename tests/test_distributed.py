@@ -162,3 +162,18 @@ def test_latents_stored_in_shards_replace_encoding(tmp_path, recipe, monkeypatch
     assert main(["train", str(shard_cfg), "--steps", "2", "--out", str(tmp_path / "second"),
                  "--autoencoder", str(tmp_path / "first")]) == 0
     assert len(losses(tmp_path / "second")) == 2
+
+
+def test_a_lora_trains_under_torchrun_as_in_one_process(recipe, tmp_path):
+    """A LoRA on a frozen run (lora.base): two processes take the same steps as one accumulating, and both write
+    the same kohya file."""
+    run(1, recipe, "--steps", 2, "--out", tmp_path / "base")
+    lora = tmp_path / "lora.toml"
+    lora.write_text(recipe.read_text().split("[unet]")[0] + f'[lora]\nbase = "{tmp_path / "base"}"\nrank = 2\n'
+                    + "[train]" + recipe.read_text().split("[train]")[1])
+    run(2, lora, "--steps", 3, "--out", tmp_path / "two")
+    run(1, lora, "--steps", 3, "--out", tmp_path / "one")
+    a, b = (load_tensors(tmp_path / p / "lora.safetensors") for p in ("two", "one"))
+    assert a.keys() == b.keys() and any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in a.items())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert losses(tmp_path / "two")[0]["world_size"] == 2
