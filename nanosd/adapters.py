@@ -298,10 +298,12 @@ class LoraUNet(nn.Module):
     this instance's deltas added by hooks (the EMA copy shares the hooks, not the deltas)."""
     active = None  # the LoraUNet being called
 
-    def __init__(self, base: nn.Module, rank=8, alpha=8.0, targets=("attn", "ff", "proj_", "in_layers", "out_layers")):
+    def __init__(self, base: nn.Module, rank=8, alpha=8.0, targets=("attn", "ff", "proj_", "in_layers", "out_layers"),
+                 names: dict | None = None):
         super().__init__()
         object.__setattr__(self, "base", base.requires_grad_(False))  # not a submodule: not trained, not saved
         self.cfg, self.rank, self.alpha = base.cfg, rank, alpha
+        self.names = names or {}  # our module names -> the names the kohya file gives them (diffusers' for SD 1.x)
         self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
         g = torch.Generator().manual_seed(0)
         for name, m in base.named_modules():
@@ -339,9 +341,10 @@ class LoraUNet(nn.Module):
 
     def kohya(self) -> dict:
         """The deltas as a kohya/A1111 LoRA file's tensors (our module names, which nanosd reads back)."""
-        out = {}
+        out, kohya = {}, {k.replace(".", "_"): v.replace(".", "_") for k, v in self.names.items()}
         for key in self.down:
-            out.update({f"lora_unet_{key}.lora_down.weight": self.down[key].detach().float().contiguous(),
-                        f"lora_unet_{key}.lora_up.weight": self.up[key].detach().float().contiguous(),
-                        f"lora_unet_{key}.alpha": torch.tensor(float(self.alpha))})
+            name = "lora_unet_" + kohya.get(key, key)
+            out.update({f"{name}.lora_down.weight": self.down[key].detach().float().contiguous(),
+                        f"{name}.lora_up.weight": self.up[key].detach().float().contiguous(),
+                        f"{name}.alpha": torch.tensor(float(self.alpha))})
         return out

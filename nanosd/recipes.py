@@ -111,14 +111,17 @@ def lora_config(cfg: Config) -> Config:
     """A LoRA recipe's config: the base run's model (U-Net, autoencoder, diffusion, condition) with the recipe's
     own data, training, sampling and LoRA settings."""
     base = Path(cfg.lora.base)
-    if not run.is_run(base):
-        raise FileNotFoundError(f"lora.base {base} is not a run folder (config.toml + model.safetensors): "
-                                "train the base model first")
-    b = load_config(base / run.CONFIG)
-    if b.lora:
-        raise ValueError(f"lora.base {base} is itself a LoRA run: give the run folder it patches")
+    if run.is_run(base):
+        b = load_config(base / run.CONFIG)
+        if b.lora:
+            raise ValueError(f"lora.base {base} is itself a LoRA run: give the run folder it patches")
+        size = b.data.size
+    else:  # a Stable Diffusion file or folder: the recipe's data.size (a multiple of 64) is the training size
+        from .pipeline import load
+
+        b, size = load(base).cfg, cfg.data.size
     return replace(cfg, unet=b.unet, autoencoder=b.autoencoder, diffusion=b.diffusion, condition=b.condition,
-                   data=replace(cfg.data, size=b.data.size), autoencoder_train=None)
+                   data=replace(cfg.data, size=size), autoencoder_train=None)
 
 
 def train_lora(cfg: Config, run_dir: Path):
@@ -126,19 +129,32 @@ def train_lora(cfg: Config, run_dir: Path):
     conditioner; the deltas written in kohya's format (run_dir/lora.safetensors) at the end."""
     from .adapters import LoraUNet
 
+    from .pipeline import load
+
     base = Path(cfg.lora.base)
-    _, model, ae, _ = run.load_run(base)
+    if run.is_run(base):
+        _, model, ae, _ = run.load_run(base)
+        ae_dir, family = base / run.AUTOENCODER, None
+    else:  # a Stable Diffusion checkpoint: its U-Net, VAE and text encoders, frozen
+        pipe = load(base)
+        model, ae, ae_dir, family = ConditionedUNet(pipe.unet, pipe.conditioner), pipe.autoencoder, base, pipe.family
     data = load_dataset(cfg.data.name, cfg.data.size)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)
     if ae is not None:
-        data, _ = latent_data(cfg, base / run.AUTOENCODER, ae, data)
+        data, _ = latent_data(cfg, ae_dir, ae, data)
     if cfg.condition:
         cfg = with_condition(cfg, data)
     if rank == 0:
         run.write_config(cfg, run_dir)
     conditioned = isinstance(model, ConditionedUNet)
-    lora = LoraUNet(model.unet if conditioned else model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    unet = model.unet if conditioned else model
+    names = None  # kohya names SD 1.x/2.x U-Nets the diffusers way (SDXL and runs: the original way, ours)
+    if family in ("sd1", "sd2"):
+        from .formats import diffusers
+
+        names = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in diffusers.names("unet", unet).items()}
+    lora = LoraUNet(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, names)
     net = ConditionedUNet(lora, model.conditioner.requires_grad_(False)) if conditioned else lora
     schedule = Schedule.of(cfg.diffusion)
 

@@ -72,8 +72,13 @@ def copy_autoencoder(src: Path, dst: Path):
 
 
 def weights_key(folder: Path) -> str:
-    """A short hash of a run folder's weights: which autoencoder made a set of latents."""
-    return hashlib.sha256((Path(folder) / WEIGHTS).read_bytes()).hexdigest()[:16]
+    """A short hash of a run folder's weights: which autoencoder made a set of latents. For a Stable Diffusion
+    file or folder (whose VAE a LoRA recipe encodes with), its path, size and modification time."""
+    folder = Path(folder)
+    if (folder / WEIGHTS).is_file():
+        return hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:16]
+    st = folder.stat()
+    return hashlib.sha256(f"{folder.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def load_guide(run: Path, cfg: Config):

@@ -298,3 +298,37 @@ def test_textual_inversion_matches_the_reference(model, tmp_path):
     save_file({"emb_params": torch.randn(2, 99)}, tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match="wide.safetensors is an embedding for another model"):
         pipe.load_embedding(tmp_path / "wide.safetensors")
+
+
+def test_a_lora_trained_here_on_an_sd_checkpoint_is_read_by_diffusers(tmp_path):
+    """lora.base = a Stable Diffusion folder: the deltas train on its frozen U-Net (its VAE's latents, its CLIP on
+    the captions), and the kohya file (diffusers' U-Net names for SD 1.x) gives in diffusers the image it gives
+    in nanosd."""
+    from PIL import Image
+
+    from nanosd.config import load_config
+    from nanosd.recipes import train
+
+    ref, folder = tiny_reference(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = (torch.rand(8, 8, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).resize((64, 64), Image.BILINEAR).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(["a red square", "a blue circle"][i % 2])
+    cfg = load_config(values={"data": {"name": str(images), "size": 64},
+                              "lora": {"base": str(folder), "rank": 4, "alpha": 4.0},
+                              "train": {"batch_size": 4, "lr": 5e-2, "warmup_steps": 1, "steps": 3, "sample_every": 0,
+                                        "checkpoint_every": 100, "ema_decay": 0.0},
+                              "sample": {"steps": 2, "n": 2}})
+    run = train(cfg, tmp_path / "lora")
+    tensors = nanosd.io.read_checkpoint(run / "lora.safetensors")
+    assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in tensors)  # kohya's SD 1.x names
+    pipe = nanosd.load(folder)
+    lora = pipe.load_lora(run / "lora.safetensors", 1.0)
+    assert len(lora.deltas) == len(tensors) // 3
+    ours = pipe.generate(PROMPTS, NEGATIVES, **KW).images
+    pipe.unload_loras()
+    assert (ours - pipe.generate(PROMPTS, NEGATIVES, **KW).images).abs().max() > 1e-3  # it learned something
+    torch.testing.assert_close(ours, theirs(ref, [run / "lora.safetensors"], [1.0]), atol=1e-4, rtol=0)

@@ -256,7 +256,7 @@ def config(unet_cfg, vae_cfg, text_cfg, text2_cfg, scheduler: dict, scale_factor
     condition = ConditionConfig(encoder="clip", concat="inpaint" if unet_cfg.cond_channels else "", drop_prob=0.0,
                                 guidance=7.5 if family.name in ("sd1", "sd2") else 5.0, clip=text_cfg,
                                 clip2=text2_cfg, micro=family.micro, micro_dim=micro_dim,
-                                zero_negative=family.zero_negative)
+                                zero_negative=family.zero_negative, micro_lowres=0.0)  # (LoRA) training: sizes as they are
     size = size or (768 if family.name == "sd2" and prediction == "v" else family.size)
     return Config(data=DataConfig(name="", size=size), unet=unet_cfg, diffusion=diffusion,
                   sample=SampleConfig(sampler="dpmpp_2m", steps=20), autoencoder=vae_cfg, condition=condition)
