@@ -41,3 +41,5 @@ figures: demo
 	cp runs/fig-pvl/pixel_vs_latent.png docs/pixel-vs-latent.png
 	nanosd train configs/mnist-text-xl.toml --out runs/fig-xl
 	nanosd explain size runs/fig-xl --out docs/size-conditioning.png
+	nanosd train configs/fashion-lora.toml --out runs/fig-fashion-lora lora.base=$(RUN)
+	nanosd generate runs/fig-fashion-lora --prompts configs/fashion-prompts.txt --n 8 --seed 0 --out docs/fashion-lora.png

@@ -348,3 +348,30 @@ class LoraUNet(nn.Module):
                         f"{name}.lora_up.weight": self.up[key].detach().float().contiguous(),
                         f"{name}.alpha": torch.tensor(float(self.alpha))})
         return out
+
+
+class LearnedToken(nn.Module):
+    """Textual inversion, trained: a frozen token embedding with new rows that learn (ids past the vocabulary)."""
+
+    def __init__(self, embedding: nn.Embedding, init: torch.Tensor):
+        super().__init__()
+        self.register_buffer("frozen", embedding.weight.detach(), persistent=False)
+        self.extra = nn.Parameter(init.clone())
+
+    weight = property(lambda self: self.frozen)  # where callers look for the device and dtype
+
+    def forward(self, ids):
+        return F.embedding(ids, torch.cat([self.frozen, self.extra.to(self.frozen.dtype)]))
+
+
+def learn_token(text, token: str, n: int, init: str) -> LearnedToken:
+    """Give a CLIP TextConditioner a token of n learnable vectors, started from the embedding of `init`."""
+    if text is None or text.kind != "clip":
+        raise ValueError("textual inversion trains a CLIP text encoder's token: this model has none (MiniLM and "
+                         "label models are not supported)")
+    emb = text.model.embeddings.token_embedding
+    start = text.tokenizer.ids(init)[:1] or [text.tokenizer.eos]
+    learned = LearnedToken(emb, emb.weight.data[start[0]].repeat(n, 1))
+    text.model.embeddings.token_embedding = learned
+    text.embeddings[token] = list(range(emb.num_embeddings, emb.num_embeddings + n))
+    return learned

@@ -92,6 +92,9 @@ class LoraConfig:
     alpha: float = 8.0  # the deltas are scaled by alpha / rank
     targets: list[str] = field(default_factory=lambda: ["attn", "ff", "proj_", "in_layers", "out_layers"])  # module
     # names containing one of these get a delta (attention, feed-forward, projections, the ResBlocks' convolutions)
+    embedding: str = ""  # set: textual inversion instead, this new token's vectors learn (the U-Net frozen too)
+    vectors: int = 1  # textual inversion: how many vectors the token stands for
+    init: str = "*"  # textual inversion: the word whose embedding the vectors start from
 
 
 @dataclass

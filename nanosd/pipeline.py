@@ -387,9 +387,12 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
     if is_run(path):
         if vae is not None or family is not None or prediction is not None:
             raise ValueError("vae=, family= and prediction= apply to Stable Diffusion checkpoints, not to run folders")
-        if (lora := lora_run(path)) is not None:  # a LoRA run: its base, patched
+        if (lora := lora_run(path)) is not None:  # a LoRA (or textual-inversion) run: its base, patched
             pipe = load(lora.base, precision, compile)
-            pipe.load_lora(path / LORA)
+            if lora.embedding:
+                pipe.load_embedding(path / f"{lora.embedding}.safetensors")
+            else:
+                pipe.load_lora(path / LORA)
             return pipe
         cfg, model, ae, guide = load_run(path)
         pipe = Pipeline.of(model, Schedule.of(cfg.diffusion), cfg, ae, precision, guide)

@@ -148,6 +148,8 @@ def train_lora(cfg: Config, run_dir: Path):
     if rank == 0:
         run.write_config(cfg, run_dir)
     conditioned = isinstance(model, ConditionedUNet)
+    if cfg.lora.embedding:
+        return _train_token(cfg, run_dir, model, data, ae, rank, device, say)
     unet = model.unet if conditioned else model
     names = None  # kohya names SD 1.x/2.x U-Nets the diffusers way (SDXL and runs: the original way, ours)
     if family in ("sd1", "sd2"):
@@ -177,6 +179,41 @@ def train_lora(cfg: Config, run_dir: Path):
         say(f"wrote {run_dir / run.LORA} (use it: nanosd generate {base} --lora {run_dir / run.LORA}:1.0)")
     if world > 1:
         dist.barrier()  # rank 0's LoRA file is written before anyone leaves
+        dist.destroy_process_group()
+    return run_dir
+
+
+def _train_token(cfg, run_dir, model, data, ae, rank, device, say):
+    """Textual inversion: one new token's vectors learn on the captions (the token put first where a caption lacks
+    it); everything else frozen. Written as A1111 reads embeddings: RUN/TOKEN.safetensors (emb_params)."""
+    from .adapters import learn_token
+
+    token, c = cfg.lora.embedding, model.conditioner if isinstance(model, ConditionedUNet) else None
+    if c is None or c.text2 is not None:
+        raise ValueError("textual inversion trains here for one-text-encoder models (runs with encoder = \"clip\", "
+                         "SD 1.x/2.x): this model has none, or two")
+    model.requires_grad_(False)
+    learned = learn_token(c.text, token, cfg.lora.vectors, cfg.lora.init)
+    data.captions = [[p if token in p else f"{token} {p}" for p in caps] for caps in data.captions]
+    schedule = Schedule.of(cfg.diffusion)
+
+    def loss_fn(model, batch, g, step):
+        return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
+                              weighting=cfg.diffusion.loss_weighting)
+
+    trainer = Trainer(run_dir, model, loss_fn, data, cfg.train, evaluate=grids(cfg, run_dir, schedule, ae, data),
+                      device=device)
+    if trainer.resume():
+        say(f"resuming {run_dir} from step {trainer.step}")
+    say(f"textual inversion: {token!r} as {cfg.lora.vectors} vector(s) of {learned.extra.shape[1]}, {len(data)} samples")
+    trainer.fit()
+    if rank == 0:
+        vectors = trainer.ema.conditioner.text.model.embeddings.token_embedding.extra
+        save_tensors({"emb_params": vectors.detach().float().contiguous()}, run_dir / f"{token}.safetensors")
+        say(f"wrote {run_dir / token}.safetensors (in prompts: {token!r}; nanosd generate BASE --embedding-dir "
+            f"{run_dir})")
+    if dist.is_initialized():
+        dist.barrier()  # rank 0's embedding is written before anyone leaves
         dist.destroy_process_group()
     return run_dir
 

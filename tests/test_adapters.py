@@ -300,10 +300,10 @@ def test_textual_inversion_matches_the_reference(model, tmp_path):
         pipe.load_embedding(tmp_path / "wide.safetensors")
 
 
-def test_a_lora_trained_here_on_an_sd_checkpoint_is_read_by_diffusers(tmp_path):
+def test_a_lora_and_an_embedding_trained_here_on_an_sd_checkpoint_are_read_by_diffusers(tmp_path):
     """lora.base = a Stable Diffusion folder: the deltas train on its frozen U-Net (its VAE's latents, its CLIP on
     the captions), and the kohya file (diffusers' U-Net names for SD 1.x) gives in diffusers the image it gives
-    in nanosd."""
+    in nanosd; with lora.embedding, a new token's vectors train instead (A1111's emb_params file)."""
     from PIL import Image
 
     from nanosd.config import load_config
@@ -332,3 +332,19 @@ def test_a_lora_trained_here_on_an_sd_checkpoint_is_read_by_diffusers(tmp_path):
     pipe.unload_loras()
     assert (ours - pipe.generate(PROMPTS, NEGATIVES, **KW).images).abs().max() > 1e-3  # it learned something
     torch.testing.assert_close(ours, theirs(ref, [run / "lora.safetensors"], [1.0]), atol=1e-4, rtol=0)
+
+    # textual inversion, trained: one new token's vectors (the captions get the token first), read by diffusers
+    cfg.lora.embedding, cfg.lora.vectors, cfg.lora.init = "squiggle", 2, "shape"
+    tokens = train(cfg, tmp_path / "token")
+    learned = nanosd.io.read_checkpoint(tokens / "squiggle.safetensors")["emb_params"]
+    start = pipe.text_encoder.embeddings.token_embedding.weight[pipe.tokenizer.ids("shape")[0]]
+    assert learned.shape == (2, 32) and (learned - start).abs().max() > 1e-3  # it moved from its start
+    again = nanosd.load(tokens)  # the run: its base with the embedding
+    prompts = ["a photo of squiggle", "a red house"]
+    ours = again.generate(prompts, NEGATIVES, **KW).images
+    ref.unload_lora_weights()
+    ref.load_textual_inversion(str(tokens / "squiggle.safetensors"), token="squiggle")
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    expected = ref(prompts, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
+                   output_type="pt", generator=torch.Generator().manual_seed(7)).images
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
