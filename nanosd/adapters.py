@@ -26,6 +26,7 @@ from .formats import diffusers
 from .io import read_checkpoint
 
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
+            ".dora_scale": "dora_scale",
             ".lora_A.weight": "down", ".lora_B.weight": "up", **{f".{k}": k for k in (
                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}}
@@ -119,7 +120,9 @@ def _delta(g: dict, module, what):
     g = {k: v.float() for k, v in g.items()}
     alpha = g["alpha"].item() if "alpha" in g else None
     if "down" in g and "up" in g:
-        return "lowrank", (g["down"], g["up"], g.get("mid")), (alpha or g["down"].shape[0]) / g["down"].shape[0]
+        # with DoRA's magnitude (dora_scale) a fourth tensor: the weight is renormed per output channel to it
+        tensors = (g["down"], g["up"], g.get("mid")) + ((g["dora_scale"],) if "dora_scale" in g else ())
+        return "lowrank", tensors, (alpha or g["down"].shape[0]) / g["down"].shape[0]
     shape = module.weight.shape
     if "hada_w1_a" in g:
         w1, w2 = (_factor(g[f"hada_w{i}_a"], g[f"hada_w{i}_b"], g.get(f"hada_t{i}")) for i in (1, 2))
@@ -150,7 +153,7 @@ def _delta_fn(module, kind, tensors):
         if conv:
             return lambda x: F.conv2d(x, w.to(x.dtype), None, module.stride, module.padding)
         return lambda x: F.linear(x, w.to(x.dtype))
-    down, up, mid = tensors
+    down, up, mid = tensors[:3]
     if not conv:
         return lambda x: F.linear(F.linear(x, down.flatten(1).to(x.dtype)), up.flatten(1).to(x.dtype))
     down = down if down.ndim == 4 else down[:, :, None, None]
@@ -165,7 +168,7 @@ def _delta_weight(module, kind, tensors):
     """The delta as a weight of the module's shape."""
     if kind == "full":
         return tensors[0]
-    down, up, mid = tensors
+    down, up, mid = tensors[:3]
     if mid is not None:
         return torch.einsum("or,rskl,si->oikl", up.flatten(1), mid, down.flatten(1))
     if isinstance(module, nn.Conv2d):
@@ -182,9 +185,21 @@ def attach(pipe, lora: Lora, merge=False):
     for (part, name), (kind, tensors, scale) in lora.deltas.items():
         module = modules[part][name]
         s = scale * lora.weights["unet" if part == "unet" else "text"]
+        dora = tensors[3] if kind == "lowrank" and len(tensors) > 3 else None
+        if dora is not None:  # DoRA (Liu et al. 2024): W' = m (W + s dW) / |W + s dW|, a norm per output channel
+            v = module.weight.data.float() + s * _delta_weight(module, kind, tensors)
+            k = dora.flatten().to(v) / v.flatten(1).norm(dim=1)
         if merge:  # the weight as it was before any merge is kept once, however many LoRAs merge into it
             pipe.unmerged.setdefault((part, name), module.weight.data.clone())
-            module.weight.data += (s * _delta_weight(module, kind, tensors)).to(module.weight.dtype)
+            new = v * k.view(-1, *[1] * (v.ndim - 1)) if dora is not None else \
+                module.weight.data + s * _delta_weight(module, kind, tensors)
+            module.weight.data.copy_(new.to(module.weight.dtype))
+        elif dora is not None:  # k (W x + s dW x) + b, from the module's own output
+            f, bias = _delta_fn(module, kind, tensors), module.bias
+            shape = (-1, 1, 1) if isinstance(module, nn.Conv2d) else (-1,)
+            b = 0 if bias is None else bias.detach().view(shape)
+            lora.handles.append(module.register_forward_hook(
+                lambda m, inputs, out, f=f, s=s, k=k.view(shape), b=b: k.to(out) * (out - b + s * f(inputs[0])) + b))
         else:
             f = _delta_fn(module, kind, tensors)
             lora.handles.append(module.register_forward_hook(lambda m, inputs, out, f=f, s=s: out + s * f(inputs[0])))

@@ -348,3 +348,37 @@ def test_a_lora_and_an_embedding_trained_here_on_an_sd_checkpoint_are_read_by_di
     expected = ref(prompts, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
                    output_type="pt", generator=torch.Generator().manual_seed(7)).images
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_dora_follows_its_formula(model, tmp_path):
+    """kohya's dora_scale (DoRA's magnitude m, Liu et al. 2024) on a linear and a 3x3 convolution layer, against
+    the formula peft uses: W' = m (W + s dW) / |W + s dW| with the norm per output channel, the bias kept
+    (diffusers 0.42.1 drops dora_scale from kohya files, so it is no reference here)."""
+    _, pipe, _ = model
+    g = torch.Generator().manual_seed(13)
+    mods = dict(pipe.unet.named_modules())
+    F = torch.nn.functional
+    for name in ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.0.in_layers.2"):
+        m = mods[name]
+        conv = isinstance(m, torch.nn.Conv2d)
+        out_ch, in_ch = m.weight.shape[:2]
+        down = torch.randn(4, in_ch, *(m.kernel_size if conv else ()), generator=g) * 0.2
+        up = torch.randn(out_ch, 4, *((1, 1) if conv else ()), generator=g) * 0.2
+        magnitude = m.weight.detach().flatten(1).norm(dim=1) * (1 + 0.3 * torch.rand(out_ch, generator=g))
+        key = "lora_unet_" + name.replace(".", "_")
+        save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0),
+                   f"{key}.dora_scale": magnitude}, tmp_path / "dora.safetensors")
+        s = 0.8 * 2.0 / 4
+        dw = torch.einsum("or,rikl->oikl", up.flatten(1), down) if conv else up @ down
+        v = m.weight.detach() + s * dw
+        w = v * (magnitude / v.flatten(1).norm(dim=1)).view(-1, *[1] * (v.ndim - 1))
+        x = torch.randn(2, in_ch, 8, 8, generator=g) if conv else torch.randn(2, 5, in_ch, generator=g)
+        with torch.no_grad():
+            base = m(x)
+            want = F.conv2d(x, w, m.bias, m.stride, m.padding) if conv else F.linear(x, w, m.bias)
+            for merge in (False, True):
+                pipe.load_lora(tmp_path / "dora.safetensors", 0.8, merge=merge)
+                got = m(x)
+                pipe.unload_loras()
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert torch.equal(m(x), base) and (want - base).abs().max() > 1e-2
