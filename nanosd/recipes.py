@@ -148,16 +148,21 @@ def train_lora(cfg: Config, run_dir: Path):
     if rank == 0:
         run.write_config(cfg, run_dir)
     conditioned = isinstance(model, ConditionedUNet)
-    if cfg.lora.embedding:
-        return _train_token(cfg, run_dir, model, data, ae, rank, device, say)
-    unet = model.unet if conditioned else model
-    names = None  # kohya names SD 1.x/2.x U-Nets the diffusers way (SDXL and runs: the original way, ours)
-    if family in ("sd1", "sd2"):
-        from .formats import diffusers
+    if cfg.lora.embedding:  # textual inversion: one new token's vectors learn, everything else frozen
+        net, token = _token_model(cfg, model, data), cfg.lora.embedding
+        what = f"textual inversion: {token!r} as {cfg.lora.vectors} vector(s)"
+    else:
+        unet = model.unet if conditioned else model
+        names = None  # kohya names SD 1.x/2.x U-Nets the diffusers way (SDXL and runs: the original way, ours)
+        if family in ("sd1", "sd2"):
+            from .formats import diffusers
 
-        names = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in diffusers.names("unet", unet).items()}
-    lora = LoraUNet(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, names)
-    net = ConditionedUNet(lora, model.conditioner.requires_grad_(False)) if conditioned else lora
+            names = {k.removesuffix(".weight"): v.removesuffix(".weight")
+                     for k, v in diffusers.names("unet", unet).items()}
+        lora = LoraUNet(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, names)
+        net = ConditionedUNet(lora, model.conditioner.requires_grad_(False)) if conditioned else lora
+        what = (f"LoRA of rank {cfg.lora.rank} on {len(lora.down)} modules "
+                f"({sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M parameters)")
     schedule = Schedule.of(cfg.diffusion)
 
     def loss_fn(model, batch, g, step):
@@ -168,24 +173,27 @@ def train_lora(cfg: Config, run_dir: Path):
                       device=device)
     if trainer.resume():
         say(f"resuming {run_dir} from step {trainer.step}")
-    say(f"LoRA of rank {cfg.lora.rank} on {len(lora.down)} modules of {base} "
-          f"({sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M parameters), {len(data)} samples of {cfg.data.name}")
+    say(f"{what} of {base}, {len(data)} samples of {cfg.data.name}")
     trainer.fit()
-    if rank == 0:
+    if rank == 0 and cfg.lora.embedding:  # as A1111 reads embeddings: RUN/TOKEN.safetensors (emb_params)
+        vectors = trainer.ema.conditioner.text.model.embeddings.token_embedding.extra
+        save_tensors({"emb_params": vectors.detach().float().contiguous()}, run_dir / f"{token}.safetensors")
+        say(f"wrote {run_dir / token}.safetensors (in prompts: {token!r}; nanosd generate {base} --embedding-dir "
+            f"{run_dir})")
+    elif rank == 0:
         ema = trainer.ema.unet if conditioned else trainer.ema
         save_tensors(ema.kohya(), run_dir / run.LORA, metadata={"ss_network_dim": str(cfg.lora.rank),
                                                                   "ss_network_alpha": str(cfg.lora.alpha),
                                                                   "nanosd_base": str(base)})
         say(f"wrote {run_dir / run.LORA} (use it: nanosd generate {base} --lora {run_dir / run.LORA}:1.0)")
     if world > 1:
-        dist.barrier()  # rank 0's LoRA file is written before anyone leaves
+        dist.barrier()  # rank 0's file is written before anyone leaves
         dist.destroy_process_group()
     return run_dir
 
 
-def _train_token(cfg, run_dir, model, data, ae, rank, device, say):
-    """Textual inversion: one new token's vectors learn on the captions (the token put first where a caption lacks
-    it); everything else frozen. Written as A1111 reads embeddings: RUN/TOKEN.safetensors (emb_params)."""
+def _token_model(cfg, model, data):
+    """The frozen model with a new token whose vectors learn; the token put first in captions that lack it."""
     from .adapters import learn_token
 
     token, c = cfg.lora.embedding, model.conditioner if isinstance(model, ConditionedUNet) else None
@@ -193,29 +201,9 @@ def _train_token(cfg, run_dir, model, data, ae, rank, device, say):
         raise ValueError("textual inversion trains here for one-text-encoder models (runs with encoder = \"clip\", "
                          "SD 1.x/2.x): this model has none, or two")
     model.requires_grad_(False)
-    learned = learn_token(c.text, token, cfg.lora.vectors, cfg.lora.init)
+    learn_token(c.text, token, cfg.lora.vectors, cfg.lora.init)
     data.captions = [[p if token in p else f"{token} {p}" for p in caps] for caps in data.captions]
-    schedule = Schedule.of(cfg.diffusion)
-
-    def loss_fn(model, batch, g, step):
-        return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
-                              weighting=cfg.diffusion.loss_weighting)
-
-    trainer = Trainer(run_dir, model, loss_fn, data, cfg.train, evaluate=grids(cfg, run_dir, schedule, ae, data),
-                      device=device)
-    if trainer.resume():
-        say(f"resuming {run_dir} from step {trainer.step}")
-    say(f"textual inversion: {token!r} as {cfg.lora.vectors} vector(s) of {learned.extra.shape[1]}, {len(data)} samples")
-    trainer.fit()
-    if rank == 0:
-        vectors = trainer.ema.conditioner.text.model.embeddings.token_embedding.extra
-        save_tensors({"emb_params": vectors.detach().float().contiguous()}, run_dir / f"{token}.safetensors")
-        say(f"wrote {run_dir / token}.safetensors (in prompts: {token!r}; nanosd generate BASE --embedding-dir "
-            f"{run_dir})")
-    if dist.is_initialized():
-        dist.barrier()  # rank 0's embedding is written before anyone leaves
-        dist.destroy_process_group()
-    return run_dir
+    return model
 
 
 def _open_run(cfg: Config | None, run_dir: Path, minutes, steps) -> Config:
