@@ -30,6 +30,7 @@ SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.wei
             ".lora_A.weight": "down", ".lora_B.weight": "up", **{f".{k}": k for k in (
                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}}
+EXTENSIONS = (".safetensors", ".pt", ".ckpt")  # adapter and embedding files, as A1111 lists them
 TAG = re.compile(r"<lora:([^:>]+)(?::([+-]?[\d.]+))?(?::([+-]?[\d.]+))?>")
 
 
@@ -40,6 +41,7 @@ class Lora:
     name: str
     deltas: dict
     path: Path | None = None
+    hash: str = ""  # A1111's short hash of the file, for a tag's infotext (Lora hashes)
     weights: dict = field(default_factory=dict)  # part kind ("text", "unet") -> the user's weight
     handles: list = field(default_factory=list)  # forward hooks while attached
 
@@ -48,10 +50,9 @@ def targets(pipe) -> dict:
     """Every name a LoRA file may give a patchable module, flattened as kohya flattens them ("." -> "_"), and
     diffusers' dotted names: -> (part, our module name)."""
     out = {}
-    families = pipe.family or "sd1"
-    te = {"text_encoder": ["lora_te_", "lora_te1_"] if families != "sdxl-refiner" else ["lora_te2_"],
-          "text_encoder_2": ["lora_te2_"]}
-    peft = {"text_encoder": "text_encoder_2." if families == "sdxl-refiner" else "text_encoder.",
+    refiner = pipe.family == "sdxl-refiner"  # its one encoder is SDXL's second
+    te = {"text_encoder": ["lora_te2_"] if refiner else ["lora_te_", "lora_te1_"], "text_encoder_2": ["lora_te2_"]}
+    peft = {"text_encoder": "text_encoder_2." if refiner else "text_encoder.",
             "text_encoder_2": "text_encoder_2."}
     theirs = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in diffusers.names("unet", pipe.unet).items()
               if k.endswith(".weight")}
@@ -86,15 +87,13 @@ def read(path, pipe, name=None) -> Lora:
         groups.setdefault(stem, {})[SUFFIXES[suffix]] = value
     if not groups:
         raise ValueError(f"{path} holds no LoRA weights (.lora_down/.lora_up or .lora_A/.lora_B): is it a LoRA?")
-    names, modules = targets(pipe), None
+    names, modules = targets(pipe), _modules(pipe)
     deltas, unmatched = {}, []
     for stem, g in groups.items():
         if stem not in names:
             unmatched.append(stem)
             continue
         part, module = names[stem]
-        modules = modules or {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder",
-                                                                                   "text_encoder_2") if getattr(pipe, p)}
         target = modules[part][module]
         kind, tensors, scale = _delta(g, target, f"{path.name}: {stem}")
         shape = tuple(target.weight.shape)
@@ -112,6 +111,24 @@ def read(path, pipe, name=None) -> Lora:
         warnings.warn(f"{path.name}: {len(unmatched)} LoRA keys match no layer and are left out: "
                       f"{', '.join(sorted(unmatched)[:5])}{' …' if len(unmatched) > 5 else ''}", stacklevel=3)
     return Lora(name or path.stem, deltas, path)
+
+
+def _modules(pipe) -> dict:
+    """part -> {module name: module} for the parts a patch may name."""
+    return {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder", "text_encoder_2")
+            if getattr(pipe, p) is not None}
+
+
+def cached(pipe, name) -> Lora:
+    """A prompt tag's LoRA, read once (until its file changes): tags are applied at every generation."""
+    path = find(name, pipe.lora_dirs)
+    key = (path, path.stat().st_mtime_ns)
+    if key not in pipe.lora_cache:
+        pipe.lora_cache = {k: v for k, v in pipe.lora_cache.items() if k[0] != path}  # an older version goes
+        lora = read(path, pipe, name)
+        lora.hash = short_hash(path)
+        pipe.lora_cache[key] = lora
+    return pipe.lora_cache[key]
 
 
 def _delta(g: dict, module, what):
@@ -180,8 +197,7 @@ def _delta_weight(module, kind, tensors):
 
 def attach(pipe, lora: Lora, merge=False):
     """Patch the modules: hooks (unattached exactly by removing them), or the deltas added to the weights."""
-    modules = {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder", "text_encoder_2")
-               if getattr(pipe, p) is not None}
+    modules = _modules(pipe)
     for (part, name), (kind, tensors, scale) in lora.deltas.items():
         module = modules[part][name]
         s = scale * lora.weights["unet" if part == "unet" else "text"]
@@ -214,8 +230,7 @@ def detach(pipe, lora: Lora):
 
 def restore(pipe):
     """Every merged weight back to what it was before the first merge, exactly."""
-    modules = {p: dict(getattr(pipe, p).named_modules()) for p in ("unet", "text_encoder", "text_encoder_2")
-               if getattr(pipe, p) is not None}
+    modules = _modules(pipe)
     for (part, name), original in pipe.unmerged.items():
         modules[part][name].weight.data.copy_(original)
     pipe.unmerged.clear()
@@ -252,13 +267,12 @@ def strip(prompt):
 
 def files(dirs) -> list[Path]:
     """The LoRA files in the folders, by name."""
-    return sorted((f for d in dirs for ext in (".safetensors", ".pt", ".ckpt") for f in Path(d).glob(f"*{ext}")),
-                  key=lambda f: f.stem)
+    return sorted((f for d in dirs for ext in EXTENSIONS for f in Path(d).glob(f"*{ext}")), key=lambda f: f.stem)
 
 
 def find(name, dirs) -> Path:
     for d in dirs:
-        for ext in (".safetensors", ".pt", ".ckpt"):
+        for ext in EXTENSIONS:
             if (Path(d) / f"{name}{ext}").is_file():
                 return Path(d) / f"{name}{ext}"
     raise FileNotFoundError(f"<lora:{name}> names no file {name}.safetensors in the LoRA folders "
@@ -280,8 +294,10 @@ def setup(pipe, specs=(), dirs=(), merge=False, embedding_dirs=()):
 def read_embedding(path, pipe) -> dict:
     """A textual-inversion file's vectors for each text part: {"text_encoder": (n, width), ...}."""
     path = Path(path)
+    parts = list(pipe.conditioner.encoders() if pipe.conditioner else {})
+    if not parts or pipe.conditioner.text.kind != "clip":
+        raise ValueError(f"{path.name}: embeddings are read by CLIP text encoders, and this model has none")
     t = read_checkpoint(path)
-    parts = [p for p in ("text_encoder", "text_encoder_2") if getattr(pipe, p) is not None]
     if "clip_l" in t or "clip_g" in t:  # SDXL's: one set of vectors per encoder
         found = {"text_encoder": t.get("clip_l"), "text_encoder_2": t.get("clip_g")}
     else:

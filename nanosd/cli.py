@@ -93,6 +93,9 @@ def _size(text, flag):
 def cmd_convert(a):
     from .pipeline import load, save
 
+    if a.lora_dir or a.embedding_dir:  # folders serve prompts, and convert has none
+        raise ValueError("convert bakes --lora FILE[:W] into the checkpoint; --lora-dir and --embedding-dir serve "
+                         "prompts when generating: give them to generate or serve")
     pipe = load(a.src, vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
     add_loras(pipe, a, merge=True)  # written merged: a checkpoint with the LoRAs baked in
     out = save(pipe, a.dst, dtype={"fp32": None, "fp16": torch_dtype("float16"), "bf16": torch_dtype("bfloat16")}[a.dtype])

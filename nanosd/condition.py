@@ -75,6 +75,10 @@ class Conditioner(nn.Module):
         self.factor = factor
         return self
 
+    def encoders(self) -> dict:
+        """The text encoders by part ("text_encoder", "text_encoder_2"), as TextConditioners."""
+        return {part: t for part, t in (("text_encoder", self.text), ("text_encoder_2", self.text2)) if t is not None}
+
     @property
     def prompted(self):
         return self.cfg.encoder != "none"

@@ -45,6 +45,7 @@ class Pipeline:
         self.loras = []  # LoRAs loaded with load_lora, in order
         self.unmerged = {}  # (part, module) -> its weight before LoRAs were merged into it
         self.lora_dirs = []  # where prompt tags <lora:NAME:W> find NAME.safetensors
+        self.lora_cache = {}  # (path, mtime) -> the tags' LoRAs, read once
         self.embeddings = {}  # textual inversion: token -> what A1111's /sdapi/v1/embeddings says of it
 
     @classmethod
@@ -228,7 +229,7 @@ class Pipeline:
         token = token or Path(path).stem
         found = adapters.read_embedding(path, self)
         for part, vectors in found.items():
-            (self.conditioner.text if part == "text_encoder" else self.conditioner.text2).add_embedding(token, vectors)
+            self.conditioner.encoders()[part].add_embedding(token, vectors)
         first = next(iter(found.values()))
         self.embeddings[token] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                   "shape": first.shape[-1], "vectors": first.shape[0]}
@@ -249,11 +250,11 @@ class Pipeline:
         tagged = []
         try:
             for name, text_w, unet_w in adapters.tags((r.prompt or []) + (r.negative_prompt or [])):
-                tagged.append(adapters.read(adapters.find(name, self.lora_dirs), self, name))
+                tagged.append(adapters.cached(self, name))
                 tagged[-1].weights = {"text": text_w, "unet": unet_w}
                 adapters.attach(self, tagged[-1])
             made = self._generate(r, callback)
-            made.lora_hashes = {lora.name: adapters.short_hash(lora.path) for lora in tagged}
+            made.lora_hashes = {lora.name: lora.hash for lora in tagged}
             return made
         finally:
             for lora in reversed(tagged):

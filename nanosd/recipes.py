@@ -55,11 +55,13 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
     same wall-clock budget, then the U-Net on the cached, scaled latents."""
     run_dir = Path(run_dir)
+    base = None  # a LoRA recipe's frozen model, loaded once
     if cfg is not None and cfg.lora:
-        cfg = lora_config(cfg)
+        base = lora_base(cfg.lora.base)
+        cfg = lora_config(cfg, base)
     cfg = _open_run(cfg, run_dir, minutes, steps)
     if cfg.lora:
-        return train_lora(cfg, run_dir)
+        return train_lora(cfg, run_dir, base or lora_base(cfg.lora.base))
     data = load_dataset(cfg.data.name, cfg.data.size)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)
@@ -107,37 +109,37 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     return run_dir
 
 
-def lora_config(cfg: Config) -> Config:
-    """A LoRA recipe's config: the base run's model (U-Net, autoencoder, diffusion, condition) with the recipe's
-    own data, training, sampling and LoRA settings."""
-    base = Path(cfg.lora.base)
-    if run.is_run(base):
-        b = load_config(base / run.CONFIG)
+def lora_base(path):
+    """A LoRA recipe's frozen model: (config, model, autoencoder, the autoencoder's folder, SD family or None),
+    from a run folder or a Stable Diffusion file or folder."""
+    path = Path(path)
+    if run.is_run(path):
+        b, model, ae, _ = run.load_run(path)
         if b.lora:
-            raise ValueError(f"lora.base {base} is itself a LoRA run: give the run folder it patches")
-        size = b.data.size
-    else:  # a Stable Diffusion file or folder: the recipe's data.size (a multiple of 64) is the training size
-        from .pipeline import load
+            raise ValueError(f"lora.base {path} is itself a LoRA run: give the run folder it patches")
+        return b, model, ae, path / run.AUTOENCODER, None
+    from .pipeline import load
 
-        b, size = load(base).cfg, cfg.data.size
+    pipe = load(path)
+    return pipe.cfg, ConditionedUNet(pipe.unet, pipe.conditioner), pipe.autoencoder, path, pipe.family
+
+
+def lora_config(cfg: Config, base) -> Config:
+    """A LoRA recipe's config: the base's model (U-Net, autoencoder, diffusion, condition) with the recipe's own
+    data, training, sampling and LoRA settings; a run's data size, or for an SD base the recipe's (a multiple of 64)."""
+    b, family = base[0], base[4]
+    size = cfg.data.size if family else b.data.size
     return replace(cfg, unet=b.unet, autoencoder=b.autoencoder, diffusion=b.diffusion, condition=b.condition,
                    data=replace(cfg.data, size=size), autoencoder_train=None)
 
 
-def train_lora(cfg: Config, run_dir: Path):
-    """A LoRA on a frozen run (lora.base): the one trainer on the deltas alone, the base's autoencoder and
-    conditioner; the deltas written in kohya's format (run_dir/lora.safetensors) at the end."""
+def train_lora(cfg: Config, run_dir: Path, base):
+    """A LoRA on a frozen model (lora.base, loaded by lora_base): the one trainer on the deltas alone, the base's
+    autoencoder and conditioner; the deltas written in kohya's format (run_dir/lora.safetensors) at the end."""
     from .adapters import LoraUNet
 
-    from .pipeline import load
-
+    _, model, ae, ae_dir, family = base
     base = Path(cfg.lora.base)
-    if run.is_run(base):
-        _, model, ae, _ = run.load_run(base)
-        ae_dir, family = base / run.AUTOENCODER, None
-    else:  # a Stable Diffusion checkpoint: its U-Net, VAE and text encoders, frozen
-        pipe = load(base)
-        model, ae, ae_dir, family = ConditionedUNet(pipe.unet, pipe.conditioner), pipe.autoencoder, base, pipe.family
     data = load_dataset(cfg.data.name, cfg.data.size)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)

@@ -81,6 +81,9 @@ class Request:
                              "(img2img, strength about 0.3), or load an SDXL base model for text-to-image")
         if not 0 <= self.guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.guidance_rescale and not (c and c.prompted):
+            raise ValueError("guidance_rescale rescales classifier-free guidance, and this model takes no prompt: "
+                             "give none")
         micro = c.cfg.micro if c else ""
         takes = {"size": ("original_size", "crops_coords_top_left", "target_size"),
                  "aesthetic": ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score")}

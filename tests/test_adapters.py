@@ -382,3 +382,19 @@ def test_dora_follows_its_formula(model, tmp_path):
                 pipe.unload_loras()
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
             assert torch.equal(m(x), base) and (want - base).abs().max() > 1e-2
+
+
+def test_options_that_would_mean_nothing_are_refused(model, tmp_path, capsys):
+    """Never ignored silently: folders on convert, an embedding for a model without CLIP, guidance rescale on a
+    model without prompts."""
+    from nanosd.cli import main
+
+    _, pipe, tmp = model
+    folder = tmp / ("sd" if pipe.family == "sd1" else "sdxl")
+    assert main(["convert", str(folder), str(tmp_path / "x.safetensors"), "--lora-dir", str(tmp_path)]) == 2
+    assert "--lora-dir and --embedding-dir serve prompts" in capsys.readouterr().err
+    unprompted = nanosd.Pipeline(pipe.unet, pipe.schedule, pipe.cfg, pipe.autoencoder)
+    with pytest.raises(ValueError, match="embeddings are read by CLIP text encoders"):
+        unprompted.load_embedding(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="guidance_rescale rescales classifier-free guidance"):
+        unprompted.generate(guidance_rescale=0.5)

@@ -208,22 +208,21 @@ def write(folder, pipe, weights=True):
                "vae": {names("vae", pipe.autoencoder)[k]: v.flatten(1) if v.ndim == 4 and v.shape[-1] == 1
                        and k.split(".")[-2] in ("q", "k", "v", "proj_out") else v
                        for k, v in pipe.autoencoder.state_dict().items()}}
-    tokenizers = {}
+    tokenizers, encoders = {}, pipe.conditioner.encoders()
     for part, sub in text_folders(family).items():
-        model, t = getattr(pipe.conditioner, part), getattr(pipe.conditioner, part).cfg
+        model, t, tok = encoders[part].model, encoders[part].model.cfg, encoders[part].tokenizer
         keep = t.layers - _dropped(family, part)
         projected = part == family.pooled
         configs[sub] = {"architectures": ["CLIPTextModelWithProjection" if projected else "CLIPTextModel"],
                         "model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
                         "intermediate_size": t.intermediate or 4 * t.width, "num_hidden_layers": keep,
                         "num_attention_heads": t.heads, "max_position_embeddings": t.max_length, "hidden_act": t.act,
-                        "layer_norm_eps": t.eps, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+                        "layer_norm_eps": t.eps, "bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": 1,
                         **({"projection_dim": t.projection} if projected else {})}
         tensors[sub] = {k if k.startswith("text_projection") else "text_model." + k: v
                         for k, v in model.state_dict().items()
                         if not any(k.startswith(f"encoder.layers.{i}.") for i in range(keep, t.layers))}
-        tokenizers[sub.replace("text_encoder", "tokenizer")] = (pipe.conditioner.text if part == "text_encoder"
-                                                                else pipe.conditioner.text2).tokenizer
+        tokenizers[sub.replace("text_encoder", "tokenizer")] = tok
     betas = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
     beta_start, beta_end = (1e-4, 0.02) if d.schedule == "linear" else (0.00085, 0.012)  # the schedules' own
     scheduler = {"_class_name": "EulerDiscreteScheduler" if family.micro else "PNDMScheduler",
