@@ -9,6 +9,7 @@ from tqdm import tqdm
 from . import adapters
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config
+from .controlnet import residuals
 from .formats import diffusers, sd
 from .images import as_tensor, to_pil
 from .io import load_into, read_checkpoint, save_tensors
@@ -104,21 +105,24 @@ class Pipeline:
             return ((rgb + 1) / 2).clamp(0, 1)
         return (self.decode(z[None])[0].float().cpu() / 2 + 0.5).clamp(0, 1)
 
-    def denoiser(self, cond=None, uncond=None, scale=1.0, autoguidance=1.0, rescale=0.0):
+    def denoiser(self, cond=None, uncond=None, scale=1.0, autoguidance=1.0, rescale=0.0, controls=(), hints=(),
+                 step=(0, 1)):
         """model(x, t) -> eps, whatever the U-Net was trained to predict. With a condition and scale != 1,
         classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond), both in one batch [uncond; cond]
         as diffusers runs it (eps, v and x_0 are linear in each other at fixed x_t, so guiding the raw output is
         guiding eps). Autoguidance is the same step away from a weaker model: out = guide + w (out - guide).
         `rescale` (diffusers' guidance_rescale, Lin et al. 2023 eq. 16) brings the guided output's standard deviation
         back toward the conditional one's. With sample.clip_x0 (pixel models), the predicted x_0 is clipped to
-        [-1, 1]."""
+        [-1, 1]. `controls` (ControlNets, with their `hints`) add residuals to the U-Net's skips at the steps their
+        range covers; `step` is (a list holding the current step, the number of steps), kept by the sampling loop."""
         pred, s = self.cfg.diffusion.prediction, self.schedule
         guided = cond is not None and scale != 1.0
         if guided:
             cond = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
 
         def unet(x, t, **c):
-            out = self.unet(x, t, **c).float()
+            control = residuals(controls, hints, x, t, c, step[0], step[1], guided) if controls else None
+            out = self.unet(x, t, **c, **({"control": control} if control else {})).float()
             if autoguidance == 1.0:
                 return out
             weak = self.guide(x, t, **c).float()
@@ -194,8 +198,9 @@ class Pipeline:
 
     def generate(self, prompt=None, negative_prompt=None, *, image=None, mask=None, callback=None, **fields):
         """Images for a prompt (a list: one image each) as a Generation (.images, and .request: what made them).
-        `fields` are those of Request (steps, sampler, cfg_scale, seed, height, width, batch_size, ...), each
-        defaulting to the model's. `image` (and `mask`) are the spatial condition of a model that concatenates one:
+        `fields` are those of Request (steps, sampler, cfg_scale, seed, height, width, batch_size, control, ...),
+        each defaulting to the model's; control=[nanosd.Control(controlnet, image, scale, start, end)] adds
+        ControlNets (any number; img2img and inpaint take them too). `image` (and `mask`) are the spatial condition of a model that concatenates one:
         the image to inpaint and its mask, an edge map, or the low-resolution image to upscale. Seeded as diffusers
         seeds: one generator, drawn from in the order diffusers draws."""
         if self.conditioner and self.conditioner.cfg.concat == "inpaint":  # its image is the one to inpaint
@@ -302,14 +307,20 @@ class Pipeline:
                 known = x0 if i + 1 == len(sched) else spec.noised(sched, x0, noise, i + 1)
                 return after_step(user_callback, i, t, keep * known + (1 - keep) * x, x0_hat)
         cond, uncond = ({k: v.to(device) for k, v in d.items()} if d else d for d in (cond, uncond))
+        step = [0, len(sched)]  # the step being taken, for the ControlNets' ranges
         with tqdm(total=len(sched), desc=spec.a1111, disable=not self.progress, leave=False) as bar:
             def progress(i, t, x, x0_hat):
+                step[0] = i + 1
                 out = after_step(callback, i, t, x, x0_hat)
                 bar.n = i + 1
                 bar.refresh()
                 return out
 
-            denoiser = self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale)
+            for c in r.control:  # ControlNets run where the U-Net does, in its precision
+                c.net.to(device, next(self.unet.parameters()).dtype)
+            hints = [c.hint(r.height, r.width, n).to(device) for c in r.control]
+            denoiser = self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale, r.control, hints,
+                                     step)
             z = spec(denoiser, x.to(device), sched, generator=g, callback=progress, eta=r.eta)
         if r.output == "latent":
             return Generation(z, r)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .controlnet import Control
 from .samplers import Sampler, sampler as get_sampler
 
 OUTPUTS = ("pil", "tensor", "latent")
@@ -41,6 +42,7 @@ class Request:
     target_size: tuple | None = None
     aesthetic_score: float | None = None  # the SDXL refiner's (None: 6.0) and its unconditional branch's (None: 2.5)
     negative_aesthetic_score: float | None = None
+    control: list = ()  # ControlNets acting on this generation: nanosd.Control(net, image, scale, start, end, mode)
 
     def resolve(self, model) -> "Request":
         """A copy with every default taken from `model` (a Pipeline) and every field checked against it; resolving
@@ -84,6 +86,14 @@ class Request:
         if self.guidance_rescale and not (c and c.prompted):
             raise ValueError("guidance_rescale rescales classifier-free guidance, and this model takes no prompt: "
                              "give none")
+        control = [self.control] if isinstance(self.control, Control) else list(self.control or ())
+        for unit in control:
+            unit.check()
+            unit.net.check(cfg.unet)
+            if unit.net.factor != model.factor_ae:
+                raise ValueError(f"ControlNet {unit.net.name}'s hint encoder reduces images {unit.net.factor}x, this "
+                                 f"model's latents are {model.factor_ae}x smaller than its images: use a ControlNet "
+                                 "made for this model")
         micro = c.cfg.micro if c else ""
         takes = {"size": ("original_size", "crops_coords_top_left", "target_size"),
                  "aesthetic": ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score")}
@@ -107,7 +117,7 @@ class Request:
             self, prompt=prompts, negative_prompt=negatives, steps=steps, sampler=spec,
             cfg_scale=(cfg.condition.guidance if self.cfg_scale is None else self.cfg_scale) if prompted else 1.0,
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed,
-            height=height, width=width, batch_size=len(prompts) if prompted else self.batch_size,
+            height=height, width=width, control=control, batch_size=len(prompts) if prompted else self.batch_size,
             eta=cfg.sample.eta if self.eta is None and "eta" in spec.options else self.eta, autoguidance=autoguidance,
             overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay,
             **({"original_size": tuple(self.original_size or (height, width)),
@@ -153,7 +163,8 @@ class Request:
                     **({"Guidance rescale": self.guidance_rescale} if self.guidance_rescale else {}),
                     "Seed": self.seed, **({"Clip skip": self.clip_skip} if self.clip_skip != 1 else {}),
                     **({"Denoising strength": self.strength} if self.init is not None and self.strength < 1 else {}),
-                    "Size": f"{self.width}x{self.height}", **({"Model": model} if model else {})}
+                    "Size": f"{self.width}x{self.height}", **({"Model": model} if model else {}),
+                    **{f"ControlNet {i}": f'"{unit.infotext()}"' for i, unit in enumerate(self.control)}}
         return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in settings.items())])
 
 

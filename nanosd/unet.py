@@ -205,7 +205,11 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNet(nn.Module):
+class Encoder(nn.Module):
+    """What the U-Net and a ControlNet share: the time (and label / vector) embedding, the input blocks down to
+    the lowest resolution and the middle block, built from one config, so a ControlNet copies the U-Net's encoder
+    name for name."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         cfg.validate()
@@ -218,46 +222,31 @@ class UNet(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
                                                          nn.Linear(emb_dim, emb_dim)))
 
-        def attention(ch, level):
-            return SpatialTransformer(ch, cfg.heads(level), cfg.depth(level), cfg.context_dim, cfg.dropout,
-                                      cfg.norm_groups, cfg.linear_proj)
-
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1))])
-        skips, ch = [mc], mc
+        self.skips, ch = [mc], mc  # each input block's output channels: what the decoder's skips carry
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mc * mult, cfg.dropout, cfg.norm_groups)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(attention(ch, level))
+                    layers.append(self.attention(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skips.append(ch)
+                self.skips.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skips.append(ch)
-
+                self.skips.append(ch)
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups), attention(ch, len(cfg.channel_mult) - 1), ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups))
+            ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups), self.attention(ch, len(cfg.channel_mult) - 1),
+            ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups))
 
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skips.pop(), emb_dim, mc * mult, cfg.dropout, cfg.norm_groups)]
-                ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(attention(ch, level))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
+    def attention(self, ch, level):
+        c = self.cfg
+        return SpatialTransformer(ch, c.heads(level), c.depth(level), c.context_dim, c.dropout, c.norm_groups,
+                                  c.linear_proj)
 
-        self.out = nn.Sequential(normalization(ch, groups=cfg.norm_groups), nn.SiLU(), nn.Conv2d(mc, cfg.in_channels, 3, padding=1))
-        nn.init.zeros_(self.out[2].weight), nn.init.zeros_(self.out[2].bias)
-
-    def forward(self, x, t, context=None, y=None, concat=None, context_mask=None):
-        """eps (or v, or x_0) predicted from x_t at timesteps t (B,) with optional conditions:
-        context (B, L, context_dim) for cross-attention, y (B,) class labels or (B, adm_in_channels) a vector,
-        concat (B, cond_channels, H, W)."""
+    def embed(self, x, t, context=None, y=None, concat=None):
+        """(x in the weights' dtype with its concatenated channels, context likewise, the time (+ label) embedding)."""
         cfg = self.cfg
         dtype = self.time_embed[0].weight.dtype  # inputs follow the weights (fp32, or bf16 for speed)
         x, context = x.to(dtype), (context.to(dtype) if context is not None else None)
@@ -274,12 +263,41 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
         if cfg.num_classes or cfg.adm_in_channels:
             emb = emb + self.label_emb(y if cfg.num_classes else y.to(x.dtype))
+        return x, context, emb
+
+
+class UNet(Encoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        mc, emb_dim, skips, ch = cfg.model_channels, cfg.model_channels * 4, list(self.skips), self.skips[-1]
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), emb_dim, mc * mult, cfg.dropout, cfg.norm_groups)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(self.attention(ch, level))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch, groups=cfg.norm_groups), nn.SiLU(), nn.Conv2d(mc, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight), nn.init.zeros_(self.out[2].bias)
+
+    def forward(self, x, t, context=None, y=None, concat=None, context_mask=None, control=None):
+        """eps (or v, or x_0) predicted from x_t at timesteps t (B,) with optional conditions:
+        context (B, L, context_dim) for cross-attention, y (B,) class labels or (B, adm_in_channels) a vector,
+        concat (B, cond_channels, H, W), control: ControlNets' residuals, one per skip and one for the middle block
+        (added to the skips the decoder reads and to the middle block's output)."""
+        h, context, emb = self.embed(x, t, context, y, concat)
         hs = []
-        h = x
         for block in self.input_blocks:
             h = block(h, emb, context, context_mask)
             hs.append(h)
         h = self.middle_block(h, emb, context, context_mask)
+        if control is not None:
+            hs = [s + c.to(s.dtype) for s, c in zip(hs, control)]
+            h = h + control[-1].to(h.dtype)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
         return self.out(h)

@@ -21,9 +21,18 @@ def _rename(key, rules, inner=()):
 
 
 def names(kind: str, model) -> dict:
-    """Our parameter names -> diffusers' for a UNet ("unet") or an Autoencoder ("vae") of any size."""
+    """Our parameter names -> diffusers' for a UNet ("unet"), a ControlNet ("controlnet") or an Autoencoder
+    ("vae") of any size."""
     rules = []
-    if kind == "unet":
+    if kind == "controlnet":
+        hint = len(model.input_hint_block) - 1  # the zero conv; convolutions at the even places before it
+        rules += [("input_hint_block.0.", "controlnet_cond_embedding.conv_in."),
+                  (f"input_hint_block.{hint}.", "controlnet_cond_embedding.conv_out."),
+                  ("middle_block_out.0.", "controlnet_mid_block.")]
+        rules += [(f"input_hint_block.{i}.", f"controlnet_cond_embedding.blocks.{i // 2 - 1}.")
+                  for i in range(2, hint, 2)]
+        rules += [(f"zero_convs.{i}.0.", f"controlnet_down_blocks.{i}.") for i in range(len(model.zero_convs))]
+    if kind in ("unet", "controlnet"):
         c = model.cfg
         levels, nrb = len(c.channel_mult), c.num_res_blocks
         rules += [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
@@ -86,7 +95,6 @@ def configs(folder: Path):
     scheduler's settings, the VAE's scale factor, the default image size and the family."""
     from ..autoencoder import AutoencoderConfig
     from ..text import CLIPTextConfig
-    from ..unet import UNetConfig
 
     def config(sub, name="config.json"):
         f = folder / sub / name
@@ -100,18 +108,7 @@ def configs(folder: Path):
     if not texts:
         raise FileNotFoundError(f"diffusers folder {folder} has no text_encoder/")
     family = family_of(folder, index, uc, texts)
-    boc, types = uc["block_out_channels"], uc["down_block_types"]
-    heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)
-    depth = uc.get("transformer_layers_per_block", 1) or 1
-    unet = UNetConfig(in_channels=uc.get("out_channels", 4), cond_channels=uc["in_channels"] - uc.get("out_channels", 4),
-                      model_channels=boc[0], channel_mult=[c // boc[0] for c in boc],
-                      num_res_blocks=uc.get("layers_per_block", 2),
-                      attention_levels=[i for i, name in enumerate(types) if name.startswith("CrossAttn")],
-                      num_heads=list(heads) if isinstance(heads, (list, tuple)) else heads,
-                      transformer_depth=list(depth) if isinstance(depth, (list, tuple)) else depth,
-                      context_dim=uc.get("cross_attention_dim", 768), norm_groups=uc.get("norm_num_groups", 32),
-                      linear_proj=uc.get("use_linear_projection", False),
-                      adm_in_channels=uc.get("projection_class_embeddings_input_dim") if family.micro else None)
+    unet = unet_config(uc, micro=bool(family.micro))
     vb = vc["block_out_channels"]
     vae = AutoencoderConfig(in_channels=vc.get("in_channels", 3), ch=vb[0], ch_mult=[c // vb[0] for c in vb],
                             num_res_blocks=vc.get("layers_per_block", 1), z_channels=vc.get("latent_channels", 4),
@@ -129,6 +126,59 @@ def configs(folder: Path):
     archs = (unet, vae, *[text(p) for p in family.texts], None)[:4]
     sched = config("scheduler", "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
     return archs, sched, vc.get("scaling_factor", family.scale), uc.get("sample_size", 64) * vae.factor, family
+
+
+def unet_config(uc: dict, micro=True, controlnet=False):
+    """Our UNetConfig from a diffusers UNet2DConditionModel's (or ControlNetModel's) config.json."""
+    from ..unet import UNetConfig
+
+    boc, types = uc["block_out_channels"], uc["down_block_types"]
+    heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)
+    depth = uc.get("transformer_layers_per_block", 1) or 1
+    out = uc["in_channels"] if controlnet else uc.get("out_channels", 4)
+    return UNetConfig(in_channels=out, cond_channels=uc["in_channels"] - out,
+                      model_channels=boc[0], channel_mult=[c // boc[0] for c in boc],
+                      num_res_blocks=uc.get("layers_per_block", 2),
+                      attention_levels=[i for i, name in enumerate(types) if name.startswith("CrossAttn")],
+                      num_heads=list(heads) if isinstance(heads, (list, tuple)) else heads,
+                      transformer_depth=list(depth) if isinstance(depth, (list, tuple)) else depth,
+                      context_dim=uc.get("cross_attention_dim", 768), norm_groups=uc.get("norm_num_groups", 32),
+                      linear_proj=uc.get("use_linear_projection", False),
+                      adm_in_channels=uc.get("projection_class_embeddings_input_dim") if micro else None)
+
+
+def unet_json(u, micro_dim=256, sample_size=64) -> dict:
+    """A diffusers UNet2DConditionModel config.json for our UNetConfig."""
+    levels = range(len(u.channel_mult))
+    heads = [u.heads(lv) for lv in levels]
+    out = {"_class_name": "UNet2DConditionModel", "in_channels": u.in_channels + u.cond_channels,
+           "out_channels": u.in_channels, "block_out_channels": [u.model_channels * m for m in u.channel_mult],
+           "layers_per_block": u.num_res_blocks, "cross_attention_dim": u.context_dim,
+           "down_block_types": ["CrossAttnDownBlock2D" if lv in u.attention_levels else "DownBlock2D" for lv in levels],
+           "up_block_types": ["CrossAttnUpBlock2D" if lv in u.attention_levels else "UpBlock2D" for lv in reversed(levels)],
+           "attention_head_dim": heads if len(set(heads)) > 1 else heads[0], "norm_num_groups": u.norm_groups,
+           "transformer_layers_per_block": u.transformer_depth, "use_linear_projection": u.linear_proj,
+           "sample_size": sample_size}
+    if u.adm_in_channels:
+        out.update(addition_embed_type="text_time", addition_time_embed_dim=micro_dim,
+                   projection_class_embeddings_input_dim=u.adm_in_channels)
+    return out
+
+
+def write_controlnet(folder, net):
+    """A diffusers ControlNetModel folder (config.json, diffusion_pytorch_model.safetensors)."""
+    conf = unet_json(net.cfg)
+    for k in ("out_channels", "up_block_types", "sample_size"):
+        conf.pop(k)
+    conf.update({"_class_name": "ControlNetModel", "conditioning_channels": net.hint_channels,
+                 "conditioning_embedding_out_channels": list(net.widths),
+                 "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False})
+    tensors = {names("controlnet", net)[k]: v.contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(Path(folder)) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+        save_file(tensors, tmp / "diffusion_pytorch_model.safetensors")
+    return folder
 
 
 def _dropped(family, part) -> int:
@@ -182,20 +232,8 @@ def write(folder, pipe, weights=True):
     """A diffusers folder (configs, weights under diffusers' names, tokenizers, scheduler) for an SD pipeline of any
     family; weights=False writes the configs alone (what diffusers' from_single_file takes as `config`)."""
     cfg, u, d, family = pipe.cfg, pipe.cfg.unet, pipe.cfg.diffusion, pipe.layout or sd.SD1
-    levels = range(len(u.channel_mult))
-    heads = [u.heads(lv) for lv in levels]
     vae = pipe.autoencoder.cfg
-    unet = {"_class_name": "UNet2DConditionModel", "in_channels": u.in_channels + u.cond_channels,
-            "out_channels": u.in_channels, "block_out_channels": [u.model_channels * m for m in u.channel_mult],
-            "layers_per_block": u.num_res_blocks, "cross_attention_dim": u.context_dim,
-            "down_block_types": ["CrossAttnDownBlock2D" if lv in u.attention_levels else "DownBlock2D" for lv in levels],
-            "up_block_types": ["CrossAttnUpBlock2D" if lv in u.attention_levels else "UpBlock2D" for lv in reversed(levels)],
-            "attention_head_dim": heads if len(set(heads)) > 1 else heads[0], "norm_num_groups": u.norm_groups,
-            "transformer_layers_per_block": u.transformer_depth, "use_linear_projection": u.linear_proj,
-            "sample_size": cfg.data.size // vae.factor}
-    if u.adm_in_channels:
-        unet.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.condition.micro_dim,
-                    projection_class_embeddings_input_dim=u.adm_in_channels)
+    unet = unet_json(u, cfg.condition.micro_dim, cfg.data.size // vae.factor)
     configs = {
         "unet": unet,
         "vae": {"_class_name": "AutoencoderKL", "in_channels": vae.in_channels, "out_channels": vae.in_channels,

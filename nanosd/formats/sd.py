@@ -177,9 +177,21 @@ def _levels(tensors, pattern):
 def infer(parts: dict, family: Family):
     """The U-Net, VAE and text encoders' configs (text, text_2 or None) from the tensors' shapes."""
     from ..autoencoder import AutoencoderConfig
+
+    unet, v = infer_unet(parts["unet"], family), parts["vae"]
+    ch = v["encoder.conv_in.weight"].shape[0]
+    vlevels = len(_levels(v, r"encoder\.down\.(\d+)\."))
+    vae = AutoencoderConfig(in_channels=v["encoder.conv_in.weight"].shape[1], ch=ch, z_channels=v["post_quant_conv.weight"].shape[0],
+                            ch_mult=[v[f"encoder.down.{lv}.block.0.conv1.weight"].shape[0] // ch for lv in range(vlevels)],
+                            num_res_blocks=len(_levels(v, r"encoder\.down\.0\.block\.(\d+)\.")))
+    texts = [_text_config(parts[p], family.text[p]) for p in family.texts]
+    return unet, vae, texts[0], texts[1] if len(texts) > 1 else None
+
+
+def infer_unet(u: dict, family: Family):
+    """A U-Net's (or a ControlNet's encoder copy's: no output blocks) config from its tensors' shapes."""
     from ..unet import UNetConfig
 
-    u, v = parts["unet"], parts["vae"]
     mc = u["input_blocks.0.0.weight"].shape[0]
     blocks = _levels(u, r"input_blocks\.(\d+)\.")
     downs = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in u]
@@ -192,19 +204,13 @@ def infer(parts: dict, family: Family):
     ctx = next((w.shape[1] for k, w in u.items() if k.endswith("attn2.to_k.weight")), None)
     proj = next((w for k, w in u.items() if k.endswith("proj_in.weight")), None)
     in_ch = u["input_blocks.0.0.weight"].shape[1]
-    unet = UNetConfig(in_channels=u["out.2.weight"].shape[0], cond_channels=in_ch - u["out.2.weight"].shape[0],
+    out_ch = u["out.2.weight"].shape[0] if "out.2.weight" in u else in_ch
+    return UNetConfig(in_channels=out_ch, cond_channels=in_ch - out_ch,
                       model_channels=mc, channel_mult=mult, num_res_blocks=nrb, attention_levels=attn,
                       num_heads=family.heads or [max(1, mc * m // 64) for m in mult],
                       transformer_depth=depth if len({depth[lv] for lv in attn}) > 1 else depth[attn[0]] if attn else 1,
                       context_dim=ctx, linear_proj=proj is not None and proj.ndim == 2,
                       adm_in_channels=u["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in u else None)
-    ch = v["encoder.conv_in.weight"].shape[0]
-    vlevels = len(_levels(v, r"encoder\.down\.(\d+)\."))
-    vae = AutoencoderConfig(in_channels=v["encoder.conv_in.weight"].shape[1], ch=ch, z_channels=v["post_quant_conv.weight"].shape[0],
-                            ch_mult=[v[f"encoder.down.{lv}.block.0.conv1.weight"].shape[0] // ch for lv in range(vlevels)],
-                            num_res_blocks=len(_levels(v, r"encoder\.down\.0\.block\.(\d+)\.")))
-    texts = [_text_config(parts[p], family.text[p]) for p in family.texts]
-    return unet, vae, texts[0], texts[1] if len(texts) > 1 else None
 
 
 def _text_config(t: dict, reading: dict):

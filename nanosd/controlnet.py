@@ -1,0 +1,254 @@
+"""ControlNet (Zhang et al. 2023): a trainable copy of the U-Net's encoder that reads a control image (edges, a
+scribble, a masked image) and adds its features to the frozen U-Net's skips and middle block through zero-initialised
+1x1 convolutions, so that training starts from the base model's own behaviour.
+
+The copy is the U-Net's own `Encoder` (same blocks, same names), plus the hint encoder (small convolutions from the
+control image down to the latent resolution) and the zero convolutions: the original checkpoint's names
+(`input_hint_block`, `zero_convs.N.0`, `middle_block_out.0`), so its files load without a table. Files: the
+original single file (`control_model.*` or bare keys, .safetensors or .pth through the weights-only unpickler), the
+"diff" files (differences to the base U-Net, kohya's `difference` key) and diffusers' `ControlNetModel` folders."""
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .images import as_tensor
+from .io import load_into, read_checkpoint, save_tensors
+from .unet import Encoder, UNetConfig
+
+PREFIX = "control_model."
+HINT = (16, 32, 96, 256)  # the hint encoder's widths for f = 8 (SD); one fewer halving per factor of 2 less
+MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "control": "ControlNet is more important"}
+SHAPE = ("in_channels", "model_channels", "channel_mult", "num_res_blocks", "attention_levels", "transformer_depth",
+         "context_dim", "adm_in_channels", "linear_proj")  # what a ControlNet must share with its U-Net
+
+
+def hint_widths(factor: int) -> tuple:
+    """The hint encoder's widths for an autoencoder factor (1 for pixel models): one halving per stride-2 conv."""
+    return HINT[:factor.bit_length()]
+
+
+class ControlNet(Encoder):
+    def __init__(self, cfg: UNetConfig, widths=HINT, hint_channels=3):
+        super().__init__(dataclasses.replace(cfg, cond_channels=0))  # the control image replaces concatenation
+        self.widths, self.hint_channels = tuple(widths), hint_channels
+        self.name, self.hash = "", ""  # the file's stem and A1111's short hash, for the infotext and model list
+        layers = [nn.Conv2d(hint_channels, widths[0], 3, padding=1), nn.SiLU()]
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(a, a, 3, padding=1), nn.SiLU(), nn.Conv2d(a, b, 3, padding=1, stride=2), nn.SiLU()]
+        self.input_hint_block = nn.Sequential(*layers, _zero(nn.Conv2d(widths[-1], cfg.model_channels, 3, padding=1)))
+        self.zero_convs = nn.ModuleList(nn.Sequential(_zero(nn.Conv2d(c, c, 1))) for c in self.skips)
+        self.middle_block_out = nn.Sequential(_zero(nn.Conv2d(self.skips[-1], self.skips[-1], 1)))
+
+    @property
+    def factor(self):
+        return 2 ** (len(self.widths) - 1)
+
+    def forward(self, x, t, hint, context=None, y=None, context_mask=None, scales=1.0):
+        """The residuals for the U-Net's skips and middle block (a list, the middle block's last), each times its
+        scale (one number, or one per residual)."""
+        h, context, emb = self.embed(x, t, context, y)
+        guided = self.input_hint_block(hint.to(h.dtype))
+        outs = []
+        for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = block(h, emb, context, context_mask)
+            if i == 0:  # the hint joins after the first convolution
+                h = h + guided
+            outs.append(zero(h))
+        outs.append(self.middle_block_out(self.middle_block(h, emb, context, context_mask)))
+        scales = scales if isinstance(scales, (list, tuple, torch.Tensor)) else [scales] * len(outs)
+        return [o * s for o, s in zip(outs, scales)]
+
+    def check(self, unet_cfg: UNetConfig, what="this model"):
+        """One line if this ControlNet was made for another U-Net (another family or size)."""
+        differ = [k for k in SHAPE if getattr(self.cfg, k) != getattr(unet_cfg, k)]
+        if differ:
+            mine, theirs = (", ".join(f"{k}={getattr(c, k)}" for k in differ) for c in (self.cfg, unet_cfg))
+            raise ValueError(f"ControlNet {self.name or ''} was made for another U-Net ({mine}) than {what}'s "
+                             f"({theirs}): use a ControlNet of the model's family and size")
+
+
+def _zero(conv):
+    nn.init.zeros_(conv.weight), nn.init.zeros_(conv.bias)
+    return conv
+
+
+@dataclass
+class Control:
+    """One ControlNet acting on a generation: `image` (PIL, resized to the output as diffusers does, or a
+    (B, 3, H, W) tensor in [0, 1] of the output's size) at `scale`, during the fraction [start, end] of the steps.
+    mode: "balanced" (both halves of guidance), "prompt" (the residuals weighted down toward the shallow skips:
+    A1111's "My prompt is more important"), "control" (that, on the conditional half only: diffusers' guess_mode,
+    A1111's "ControlNet is more important"; with no prompt, the control alone shapes the image)."""
+    net: ControlNet
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    module: str = "none"  # the preprocessor that made the image (A1111's "Module"), for the infotext
+
+    def check(self):
+        if not isinstance(self.net, ControlNet):
+            raise ValueError(f"Control.net must be a ControlNet (nanosd.load_controlnet), got {type(self.net).__name__}")
+        if not 0 <= self.start < self.end <= 1:
+            raise ValueError(f"control start {self.start} and end {self.end}: need 0 <= start < end <= 1 (fractions "
+                             "of the steps)")
+        if self.mode not in MODES:
+            raise ValueError(f"control mode {self.mode!r}: one of {', '.join(MODES)}")
+        if self.image is None:
+            raise ValueError("a control needs its image (--control-image)")
+
+    def hint(self, height, width, n) -> torch.Tensor:
+        """The control image as the ControlNet reads it: (n, 3, height, width) in [0, 1]."""
+        image = self.image
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.LANCZOS)
+        elif isinstance(image, (str, Path)):
+            raise ValueError(f"control image {image}: give a PIL image or a tensor (Image.open it first)")
+        image = as_tensor(image, 3, "control image")
+        if tuple(image.shape[-2:]) != (height, width):
+            raise ValueError(f"the control image is {image.shape[-1]}x{image.shape[-2]} px and the image "
+                             f"{width}x{height}: resize it to the image's size (PIL images are resized for you)")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError("the control image's values must be in [0, 1]")
+        if len(image) not in (1, n):
+            raise ValueError(f"{len(image)} control images for {n} images: give one, or one each")
+        return image.expand(n, -1, -1, -1)
+
+    def infotext(self) -> str:
+        """As A1111's ControlNet extension writes a unit into the PNG parameters."""
+        model = f"{self.net.name} [{self.net.hash[:8]}]" if self.net.hash else self.net.name or "ControlNet"
+        return (f"Module: {self.module}, Model: {model}, Weight: {self.scale:g}, Resize Mode: Just Resize, "
+                f"Guidance Start: {self.start:g}, Guidance End: {self.end:g}, Pixel Perfect: False, "
+                f"Control Mode: {MODES[self.mode]}")
+
+
+def residuals(controls, hints, x, t, cond, step, total, guided):
+    """The summed residuals of the controls active at `step` of `total` for the U-Net's batch x (guided:
+    [uncond; cond], as diffusers batches it), or None when none acts. diffusers' rule for the step range: a
+    control acts at step i when i/total >= start and (i+1)/total <= end."""
+    out = None
+    for c, hint in zip(controls, hints):
+        if step / total < c.start or (step + 1) / total > c.end:
+            continue
+        n = len(hint)
+        scales = c.scale
+        if c.mode != "balanced":  # deeper residuals count more: 0.1 at the first skip to 1 at the middle block
+            scales = (torch.logspace(-1, 0, len(c.net.skips) + 1) * c.scale).tolist()
+        kw = {k: v for k, v in (cond or {}).items() if k != "concat"}
+        if guided and c.mode == "control":  # the conditional half alone; the unconditional one gets nothing
+            half = {k: v[n:] for k, v in kw.items()}
+            r = [torch.cat([torch.zeros_like(a), a]) for a in c.net(x[n:], t[n:], hint, scales=scales, **half)]
+        else:
+            r = c.net(x, t, torch.cat([hint, hint]) if guided else hint, scales=scales, **kw)
+        out = r if out is None else [a + b for a, b in zip(out, r)]
+    return out
+
+
+# --- files ---
+
+def load_controlnet(path, base=None, dtype=torch.float32) -> ControlNet:
+    """A ControlNet from an original single file (.safetensors, or .pth/.ckpt read without unpickling code), a
+    diffusers ControlNetModel folder, or a "diff" file (needs `base`, the pipeline whose U-Net it differs from).
+    With `base`, the ControlNet takes the base U-Net's architecture and is checked against it."""
+    from .formats import diffusers
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"ControlNet folder {path} has no config.json (a diffusers ControlNetModel)")
+        conf = json.loads((path / "config.json").read_text())
+        if conf.get("global_pool_conditions"):
+            raise ValueError(f"{path} pools its condition globally (the shuffle ControlNet): not supported")
+        cfg = diffusers.unet_config(conf, controlnet=True)
+        widths = tuple(conf.get("conditioning_embedding_out_channels", HINT))
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if not files:
+            raise FileNotFoundError(f"ControlNet folder {path} has no weights")
+        with torch.device("meta"):
+            net = ControlNet(cfg, widths, conf.get("conditioning_channels", 3))
+        back = {theirs: ours for ours, theirs in diffusers.names("controlnet", net).items()}
+        tensors = {back.get(k, k): v for f in files for k, v in read_checkpoint(f, dtype).items()}
+        tensors = {k: v.reshape(net.state_dict()[k].shape) if k in back.values() and v.ndim == 2 and
+                   net.state_dict()[k].ndim == 4 else v for k, v in tensors.items()}  # linear <-> 1x1 conv
+    elif path.is_file():
+        tensors, cfg, widths = _original(path, base, dtype)
+        with torch.device("meta"):
+            net = ControlNet(cfg, widths, tensors["input_hint_block.0.weight"].shape[1])
+    else:
+        raise FileNotFoundError(f"ControlNet {path} not found: give a .safetensors/.pth file or a diffusers folder")
+    load_into(net, tensors, f"ControlNet {path}", assign=True, dtype=dtype)
+    if base is not None:
+        net.check(base.cfg.unet, f"the model {getattr(base, 'family', '') or ''}".strip())
+    net.name = path.stem if path.is_file() else path.name
+    if path.is_file():
+        from .adapters import short_hash
+
+        net.hash = short_hash(path)
+    return net.eval()
+
+
+def _original(path: Path, base, dtype):
+    """(tensors under our names, the U-Net config, the hint widths) of an original-layout file."""
+    from .formats import sd
+
+    tensors = read_checkpoint(path, dtype)
+    meta = _metadata(path)
+    diff = "difference" in tensors
+    if any(k.startswith(PREFIX) for k in tensors):  # v1.0 files hold the whole SD model beside it: not read
+        tensors = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    tensors.pop("difference", None)
+    if "input_hint_block.0.weight" not in tensors:
+        what = "a diffusers ControlNet's weights (give its folder, with config.json)" \
+            if "controlnet_cond_embedding.conv_in.weight" in tensors else "not a ControlNet"
+        raise ValueError(f"{path} has no hint encoder (input_hint_block.*): {what}")
+    if diff:  # the tensors it shares with the U-Net are differences to the base's
+        if base is None:
+            raise ValueError(f"{path} is a difference ControlNet: load it with the model it was made from "
+                             "(nanosd.load_controlnet(path, base=pipe); the CLI does this)")
+        unet = base.unet.state_dict()
+        tensors = {k: v + unet[k].to(v.dtype) if k in unet else v for k, v in tensors.items()}
+    hint = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("input_hint_block.") and k.endswith("weight"))
+    widths = tuple(tensors[f"input_hint_block.{i}.weight"].shape[0] for i in hint[:-1:2])
+    if "nanosd_unet" in meta:  # trained here: the heads are not in the shapes
+        cfg = UNetConfig(**json.loads(meta["nanosd_unet"]))
+    elif base is not None:
+        cfg = base.cfg.unet
+    else:
+        linear = any(k.endswith("proj_in.weight") and v.ndim == 2 for k, v in tensors.items())
+        family = sd.SDXL if "label_emb.0.0.weight" in tensors else sd.SD2 if linear else sd.SD1
+        cfg = sd.infer_unet(tensors, family)
+    return tensors, dataclasses.replace(cfg, cond_channels=0), widths
+
+
+def _metadata(path: Path) -> dict:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
+def save_controlnet(net: ControlNet, path):
+    """The original single-file layout (`control_model.*`, .safetensors: A1111's extension, ComfyUI and diffusers'
+    from_single_file read it), or a diffusers ControlNetModel folder when `path` has no suffix."""
+    from .formats import diffusers
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        save_tensors({PREFIX + k: v.contiguous() for k, v in net.state_dict().items()}, path,
+                     metadata={"nanosd_unet": json.dumps(dataclasses.asdict(net.cfg))})
+    elif path.suffix:
+        raise ValueError(f"{path}: save a ControlNet to a .safetensors file or to a folder (diffusers layout)")
+    else:
+        diffusers.write_controlnet(path, net)
+    return path
