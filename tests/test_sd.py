@@ -24,15 +24,18 @@ FAMILIES = {"ddpm": ("DDPMScheduler", {}), "ddim": ("DDIMScheduler", {}), "plms"
             "unipc": ("UniPCMultistepScheduler", {})}
 
 
-def tiny_reference(folder, in_channels=4, seed=0):
-    """diffusers' own tiny test configuration (GroupNorm(2), per-level heads, a 5-layer CLIP), saved as a folder."""
+def tiny_reference(folder, in_channels=4, seed=0, vae_channels=(8, 16)):
+    """diffusers' own tiny test configuration (GroupNorm(2), per-level heads, a 5-layer CLIP), saved as a folder;
+    a VAE of four levels (f = 8, as SD's) where the test needs one."""
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=2)
-    vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
-                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    levels = len(vae_channels)
+    vae = diffusers.AutoencoderKL(block_out_channels=list(vae_channels), in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=["DownEncoderBlock2D"] * levels,
+                                  up_block_types=["UpDecoderBlock2D"] * levels,
                                   norm_num_groups=2)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,

@@ -1,0 +1,176 @@
+"""ControlNet against the reference (diffusers 0.42.1's ControlNetModel and StableDiffusionControlNet pipelines),
+with random weights of diffusers' tiny test shapes; the zero convolutions are filled with random values, so that a
+control changes the image and agreement is not agreement on zeros."""
+import pytest
+import torch
+from PIL import Image
+
+import nanosd
+from nanosd.unet import UNetConfig
+from test_sd import NEGATIVES, PLAIN, PROMPTS, SD15_SCHEDULER, init_image, tiny_reference
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def reference_controlnet(ref, folder, seed):
+    torch.manual_seed(seed)
+    cn = diffusers.ControlNetModel.from_unet(ref.unet)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():  # the zero convolutions, made to act
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.normal_(0, 0.3)
+    cn.save_pretrained(folder)
+    return cn
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cn")
+    ref, folder = tiny_reference(tmp, vae_channels=(8, 8, 16, 16))  # f = 8: SD's hint encoder
+    pipe = nanosd.load(folder)
+    theirs = [reference_controlnet(ref, tmp / f"cn{i}", i) for i in (1, 2)]
+    ours = [nanosd.load_controlnet(tmp / f"cn{i}", base=pipe) for i in (1, 2)]
+    return ref, pipe, theirs, ours, tmp
+
+
+def control_image(seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    edges = (torch.rand(1, 1, size // 4, size // 4, generator=g) > 0.7).float()
+    edges = torch.nn.functional.interpolate(edges, size=(size, size)).expand(1, 3, -1, -1)
+    return Image.fromarray((edges[0].permute(1, 2, 0) * 255).byte().numpy())
+
+
+KW = dict(steps=5, sampler="euler", cfg_scale=6.0, seed=7, height=64, width=64, output="tensor")
+
+
+def reference(ref, nets, images, scales, start, end, init=None, **kw):
+    net = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
+    one = len(nets) == 1
+    args = dict(controlnet_conditioning_scale=scales[0] if one else scales,
+                control_guidance_start=start[0] if one else start, control_guidance_end=end[0] if one else end)
+    if init is None:
+        cls, args["image"] = diffusers.StableDiffusionControlNetPipeline, images[0] if one else images
+    else:
+        cls, args["control_image"] = diffusers.StableDiffusionControlNetImg2ImgPipeline, images[0] if one else images
+        args.update(image=init, strength=0.6)
+    p = cls(**ref.components, controlnet=net)
+    p.scheduler = diffusers.EulerDiscreteScheduler.from_config(SD15_SCHEDULER)
+    p.set_progress_bar_config(disable=True)
+    return p(num_inference_steps=5, guidance_scale=6.0, height=64, width=64, generator=torch.Generator().manual_seed(7),
+             output_type="pt", **args, **kw).images
+
+
+def test_the_controlnet_itself_matches_the_reference(setup):
+    _, _, theirs, ours, _ = setup
+    torch.manual_seed(0)
+    x, t, ctx, hint = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 9, 32), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        down, mid = theirs[0](x, t, ctx, hint, conditioning_scale=0.8, return_dict=False)
+        mine = ours[0](x, t, hint, context=ctx, scales=0.8)
+    assert len(mine) == len(down) + 1
+    for a, b in zip(mine, [*down, mid]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert mid.abs().mean() > 1e-2  # the zero convolutions act
+
+
+@pytest.mark.parametrize("n, scales, start, end, img2img", [
+    (1, [1.0], [0.0], [1.0], False), (1, [0.8], [0.0], [0.6], False), (2, [0.8, 1.0], [0.0, 0.0], [1.0, 0.6], False),
+    (1, [0.8], [0.0], [0.6], True), (2, [1.0, 0.8], [0.0, 0.0], [0.6, 1.0], True)])
+def test_images_match_the_reference_with_one_and_two_controlnets(setup, n, scales, start, end, img2img):
+    ref, pipe, theirs, ours, _ = setup
+    images = [control_image(i) for i in range(n)]
+    init = init_image() if img2img else None
+    expected = reference(ref, theirs[:n], images, scales, start, end, init,
+                         prompt=PLAIN, negative_prompt=NEGATIVES)
+    controls = [nanosd.Control(net, im, s, a, b) for net, im, s, a, b in zip(ours, images, scales, start, end)]
+    got = (pipe.img2img(init, PROMPTS, NEGATIVES, strength=0.6, control=controls, **KW) if img2img else
+           pipe.generate(PROMPTS, NEGATIVES, control=controls, **KW)).images
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    plain = (pipe.img2img(init, PROMPTS, NEGATIVES, strength=0.6, **KW) if img2img else
+             pipe.generate(PROMPTS, NEGATIVES, **KW)).images
+    assert (got - plain).abs().max() > 0.05  # the control changed the picture
+
+
+def test_guess_mode_scale_zero_and_the_infotext(setup):
+    ref, pipe, theirs, ours, _ = setup
+    image = control_image(5)
+    expected = reference(ref, theirs[:1], [image], [1.0], [0.0], [1.0], prompt=PLAIN, negative_prompt=NEGATIVES,
+                         guess_mode=True)
+    got = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(ours[0], image, mode="control")], **KW)
+    torch.testing.assert_close(got.images, expected, atol=1e-4, rtol=0)
+    assert 'ControlNet 0: "Module: none, Model: cn1, Weight: 1, ' in got.request.infotext()
+    assert "Control Mode: ControlNet is more important" in got.request.infotext()
+    off = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(ours[0], image, scale=0.0)], **KW).images
+    torch.testing.assert_close(off, pipe.generate(PROMPTS, NEGATIVES, **KW).images, atol=0, rtol=0)
+    prompt = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(ours[0], image, mode="prompt")], **KW).images
+    assert (prompt - got.images).abs().max() > 1e-3  # "my prompt is more important": both halves, weighted down
+
+
+def test_inpainting_with_a_control_keeps_the_unmasked_part(setup):
+    _, pipe, _, ours, _ = setup
+    image, mask = init_image(), torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    out = pipe.inpaint(image, mask, PROMPTS[:1], control=[nanosd.Control(ours[0], control_image(1))], overlay=True,
+                       **KW).images
+    plain = pipe.inpaint(image, mask, PROMPTS[:1], **KW).images
+    assert (out - plain)[..., 16:48, 16:48].abs().max() > 0.05
+    torch.testing.assert_close(out * (1 - mask), image * (1 - mask), atol=1e-6, rtol=0)  # overlay
+
+
+def test_original_layout_round_trip_and_diffusers_reads_it(setup, tmp_path):
+    ref, pipe, theirs, ours, tmp = setup
+    path = nanosd.save_controlnet(ours[0], tmp_path / "control_tiny.safetensors")
+    again = nanosd.load_controlnet(path)  # no base: the architecture from the file
+    assert again.hash and again.name == "control_tiny"
+    image = control_image(3)
+    mine = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(again, image, 0.8)], **KW).images
+    read = diffusers.ControlNetModel.from_single_file(str(path), config=str(tmp / "cn1"), local_files_only=True)
+    expected = reference(ref, [read], [image], [0.8], [0.0], [1.0], prompt=PLAIN, negative_prompt=NEGATIVES)
+    torch.testing.assert_close(mine, expected, atol=1e-4, rtol=0)
+    # a diffusers folder written by nanosd reads back in diffusers
+    nanosd.save_controlnet(ours[0], tmp_path / "folder")
+    back = diffusers.ControlNetModel.from_pretrained(tmp_path / "folder")
+    torch.testing.assert_close(back.controlnet_mid_block.weight, theirs[0].controlnet_mid_block.weight)
+
+
+def test_difference_files_and_pth_files(setup, tmp_path):
+    from nanosd.io import save_tensors
+
+    _, pipe, _, ours, _ = setup
+    unet = pipe.unet.state_dict()
+    full = {k: v.clone() for k, v in ours[1].state_dict().items()}
+    diff = {"control_model." + k: v - unet[k] if k in unet else v for k, v in full.items()}
+    save_tensors({**diff, "difference": torch.tensor([])}, tmp_path / "diff.safetensors")
+    with pytest.raises(ValueError, match="difference ControlNet: load it with the model"):
+        nanosd.load_controlnet(tmp_path / "diff.safetensors")
+    net = nanosd.load_controlnet(tmp_path / "diff.safetensors", base=pipe)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, full[k], atol=1e-6, rtol=0)
+    torch.save({"control_model." + k: v for k, v in full.items()}, tmp_path / "control.pth")
+    net = nanosd.load_controlnet(tmp_path / "control.pth", base=pipe)
+    torch.testing.assert_close(net.middle_block_out[0].weight, full["middle_block_out.0.weight"])
+
+
+def test_bad_controls_get_one_line_errors(setup, tmp_path):
+    from nanosd.io import save_tensors
+
+    _, pipe, _, ours, _ = setup
+    image = control_image(0)
+
+    def refused(match, **control):
+        with pytest.raises(ValueError, match=match) as e:
+            pipe.generate(PROMPTS, control=[nanosd.Control(**{"net": ours[0], "image": image, **control})], **KW)
+        assert "\n" not in str(e.value)
+
+    refused("the control image is 32x32 px and the image 64x64", image=torch.rand(1, 3, 32, 32))
+    refused("3-channel", image=torch.rand(1, 1, 64, 64))
+    refused("start 0.5 and end 0.2", start=0.5, end=0.2)
+    refused("control mode 'loud'", mode="loud")
+    other = nanosd.ControlNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=[1, 2], context_dim=64, attention_levels=[1],
+                                         norm_groups=2))
+    refused("made for another U-Net .*context_dim=64", net=other)
+    save_tensors({"control_model.zero_convs.0.0.weight": torch.zeros(1)}, tmp_path / "nohint.safetensors")
+    with pytest.raises(ValueError, match="no hint encoder"):
+        nanosd.load_controlnet(tmp_path / "nohint.safetensors")
+    with pytest.raises(ValueError, match="a ControlNet, not a whole checkpoint"):
+        nanosd.load(tmp_path / "nohint.safetensors")
