@@ -44,7 +44,8 @@ def cmd_generate(a):
     kw = dict(batch_size=n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=a.seed, eta=a.eta,
               clip_skip=a.clip_skip, height=height, width=width, output="tensor", autoguidance=a.autoguidance,
               guidance_rescale=a.guidance_rescale, original_size=original and original[::-1],
-              crops_coords_top_left=crop and crop[::-1], aesthetic_score=a.aesthetic_score)
+              crops_coords_top_left=crop and crop[::-1], aesthetic_score=a.aesthetic_score,
+              control=controls(pipe, a))
     image = open_image(a.image) if getattr(a, "image", None) else None
     if a.command == "img2img":
         made = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
@@ -77,6 +78,45 @@ def add_loras(pipe, a, merge=False):
     from .adapters import setup
 
     setup(pipe, a.lora, a.lora_dir, merge, a.embedding_dir)
+
+
+def controls(pipe, a):
+    """--controlnet FILE --control-image IMG [--control-scale S ...], repeatable: unit i takes the i-th of each
+    option given, or the one value given for all."""
+    from .controlnet import Control, load_controlnet
+
+    nets = a.controlnet or []
+    per_unit = {"image": a.control_image, "scale": a.control_scale, "start": a.control_start, "end": a.control_end,
+                "mode": a.control_mode, "module": a.control_module}
+    if not nets:
+        given = [f"--control-{k}" for k, v in per_unit.items() if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} without --controlnet: give the ControlNet file they are for")
+        return []
+    for k, v in per_unit.items():
+        if v and len(v) not in (1, len(nets)):
+            raise ValueError(f"{len(v)} --control-{k} for {len(nets)} --controlnet: give one for all, or one each")
+    if not a.control_image:
+        raise ValueError("--controlnet needs --control-image IMG (the control: edges, a scribble, ...; "
+                         "`nanosd control-image` makes one)")
+    loaded = {}
+    units = []
+    for i, net in enumerate(nets):
+        if net not in loaded:
+            loaded[net] = load_controlnet(net, base=pipe)
+        pick = {k: v[i if len(v) > 1 else 0] for k, v in per_unit.items() if v}
+        pick["image"] = open_image(pick["image"])
+        units.append(Control(loaded[net], **pick))
+    return units
+
+
+def cmd_control_image(a):
+    from .images import save_png
+    from .preprocess import control_image, to_image
+
+    made = control_image(open_image(a.image), a.kind, open_image(a.mask) if a.mask else None, a.a, a.b)
+    save_png(to_image(made), a.out)
+    print(f"wrote {a.out} ({a.kind} control image, {made.shape[1]}x{made.shape[0]})")
 
 
 def _size(text, flag):
@@ -149,7 +189,8 @@ def cmd_serve(a):
     from .server import serve
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, family=a.family, prediction=a.prediction,
-          config=a.config, loras=a.lora, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir)
+          config=a.config, loras=a.lora, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
+          controlnet_dirs=a.controlnet_dir or ())
 
 
 def cmd_eval(a):
@@ -219,6 +260,17 @@ def main(argv=None):
         g.add_argument("--original-size", help="SDXL's size conditioning: WIDTHxHEIGHT (default: the output's)")
         g.add_argument("--crop", help="SDXL's crop conditioning: LEFTxTOP (default: 0x0)")
         g.add_argument("--aesthetic-score", type=float, help="the SDXL refiner's score (default 6)")
+        g.add_argument("--controlnet", action="append", help="a ControlNet (original .safetensors/.pth, a diff "
+                                                             "file, or a diffusers folder); repeatable")
+        g.add_argument("--control-image", action="append", help="its control image (one per --controlnet, or one)")
+        g.add_argument("--control-scale", action="append", type=float, help="its weight (default 1)")
+        g.add_argument("--control-start", action="append", type=float, help="the fraction of steps it starts at (0)")
+        g.add_argument("--control-end", action="append", type=float, help="the fraction of steps it ends at (1)")
+        g.add_argument("--control-mode", action="append", choices=["balanced", "prompt", "control"],
+                       help="A1111's control mode: balanced, prompt (my prompt is more important), control "
+                            "(ControlNet is more important; diffusers' guess mode)")
+        g.add_argument("--control-module", action="append", choices=["none", "canny", "scribble", "inpaint", "tile"],
+                       help="make the control from --control-image first (default none: it is the control)")
         load_options(g)
         g.add_argument("--vae", help="SD checkpoints: a VAE file to use instead of the checkpoint's")
         g.add_argument("--ema", action="store_true", help="SD single files: the EMA weights (model_ema.*)")
@@ -268,8 +320,19 @@ def main(argv=None):
     sv.add_argument("--host", default="127.0.0.1", help="any other than 127.0.0.1 needs --api-key")
     sv.add_argument("--port", type=int, default=7860)
     sv.add_argument("--api-key", help="every request must then carry it (X-API-Key header)")
+    sv.add_argument("--controlnet-dir", action="append", help="ControlNets the API's units name (A1111's "
+                                                              "alwayson_scripts.controlnet; repeatable)")
     load_options(sv)
     sv.set_defaults(fn=cmd_serve)
+
+    ci = sub.add_parser("control-image", help="a ControlNet's control image from a picture (canny edges, ...)")
+    ci.add_argument("image")
+    ci.add_argument("--kind", default="canny", choices=["canny", "scribble", "inpaint", "tile", "none"])
+    ci.add_argument("--mask", help="inpaint: the hole (white)")
+    ci.add_argument("--a", type=float, help="canny: low threshold (100); scribble: threshold (32); tile: downscale (2)")
+    ci.add_argument("--b", type=float, help="canny: high threshold (200)")
+    ci.add_argument("--out", default="control.png")
+    ci.set_defaults(fn=cmd_control_image)
 
     d = sub.add_parser("data", help="data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)

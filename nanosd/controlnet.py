@@ -19,11 +19,13 @@ from torch import nn
 
 from .images import as_tensor
 from .io import load_into, read_checkpoint, save_tensors
+from .preprocess import KINDS, control_image, to_image
 from .unet import Encoder, UNetConfig
 
 PREFIX = "control_model."
 HINT = (16, 32, 96, 256)  # the hint encoder's widths for f = 8 (SD); one fewer halving per factor of 2 less
 MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "control": "ControlNet is more important"}
+RESIZE = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # A1111's resize modes
 SHAPE = ("in_channels", "model_channels", "channel_mult", "num_res_blocks", "attention_levels", "transformer_depth",
          "context_dim", "adm_in_channels", "linear_proj")  # what a ControlNet must share with its U-Net
 
@@ -80,7 +82,8 @@ def _zero(conv):
 
 @dataclass
 class Control:
-    """One ControlNet acting on a generation: `image` (PIL, resized to the output as diffusers does, or a
+    """One ControlNet acting on a generation: `image` (PIL, brought to the output's size by `resize`: "just"
+    stretches it (Lanczos, as diffusers does), "crop" covers and center-crops, "fill" fits and pads with black; or a
     (B, 3, H, W) tensor in [0, 1] of the output's size) at `scale`, during the fraction [start, end] of the steps.
     mode: "balanced" (both halves of guidance), "prompt" (the residuals weighted down toward the shallow skips:
     A1111's "My prompt is more important"), "control" (that, on the conditional half only: diffusers' guess_mode,
@@ -91,7 +94,12 @@ class Control:
     start: float = 0.0
     end: float = 1.0
     mode: str = "balanced"
-    module: str = "none"  # the preprocessor that made the image (A1111's "Module"), for the infotext
+    module: str = "none"  # a preprocessor run on `image` first (A1111's "Module"): canny, scribble, inpaint, tile
+    mask: Any = None  # the inpaint module's hole (None: the request's inpainting mask)
+    a: float | None = None  # the module's thresholds (A1111's threshold_a, threshold_b; None: its defaults)
+    b: float | None = None
+    resize: str = "just"
+    processor_res: int | None = None  # run the module at this short side, then resize (None: at the output's size)
 
     def check(self):
         if not isinstance(self.net, ControlNet):
@@ -101,24 +109,41 @@ class Control:
                              "of the steps)")
         if self.mode not in MODES:
             raise ValueError(f"control mode {self.mode!r}: one of {', '.join(MODES)}")
+        if self.module not in KINDS:
+            raise ValueError(f"control module {self.module!r}: one of {', '.join(KINDS)}")
+        if self.resize not in RESIZE:
+            raise ValueError(f"control resize {self.resize!r}: one of {', '.join(RESIZE)}")
+        if self.processor_res is not None and not 64 <= self.processor_res <= 2048:
+            raise ValueError(f"control processor_res {self.processor_res}: from 64 to 2048")
         if self.image is None:
             raise ValueError("a control needs its image (--control-image)")
 
-    def hint(self, height, width, n) -> torch.Tensor:
-        """The control image as the ControlNet reads it: (n, 3, height, width) in [0, 1]."""
-        image = self.image
+    def hint(self, height, width, n, mask=None) -> torch.Tensor:
+        """The control image as the ControlNet reads it: (n, 3, height, width) in [0, 1] (the inpaint module's
+        hole -1), made by the module from the picture resized to the output."""
+        image, mask = self.image, (self.mask if self.mask is not None else mask)
+        if isinstance(image, (str, Path)):
+            raise ValueError(f"control image {image}: give a PIL image or a tensor (Image.open it first)")
         if isinstance(image, Image.Image):
             image = image.convert("RGB")
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.LANCZOS)
-        elif isinstance(image, (str, Path)):
-            raise ValueError(f"control image {image}: give a PIL image or a tensor (Image.open it first)")
+            if self.module not in ("none", "inpaint") and self.processor_res:  # A1111's order: detect, then fit
+                w, h = image.size
+                s = self.processor_res / min(w, h)
+                image = image.resize((round(w * s), round(h * s)), Image.LANCZOS)
+                image = _fit(to_image(control_image(image, self.module, None, self.a, self.b)), width, height,
+                             self.resize)
+            else:  # fit, then detect at the output's size (A1111's pixel perfect)
+                image = _fit(image, width, height, self.resize)
+                if self.module != "none":
+                    image = torch.from_numpy(control_image(image, self.module, mask, self.a, self.b)).permute(2, 0, 1)
+        elif self.module != "none":
+            raise ValueError(f"the {self.module} module reads a picture: give the control image as a PIL image")
         image = as_tensor(image, 3, "control image")
         if tuple(image.shape[-2:]) != (height, width):
             raise ValueError(f"the control image is {image.shape[-1]}x{image.shape[-2]} px and the image "
                              f"{width}x{height}: resize it to the image's size (PIL images are resized for you)")
-        if image.min() < 0 or image.max() > 1:
-            raise ValueError("the control image's values must be in [0, 1]")
+        if image.min() < -1 or image.max() > 1:
+            raise ValueError("the control image's values must be in [0, 1] (-1 only in an inpaint control's hole)")
         if len(image) not in (1, n):
             raise ValueError(f"{len(image)} control images for {n} images: give one, or one each")
         return image.expand(n, -1, -1, -1)
@@ -126,9 +151,25 @@ class Control:
     def infotext(self) -> str:
         """As A1111's ControlNet extension writes a unit into the PNG parameters."""
         model = f"{self.net.name} [{self.net.hash[:8]}]" if self.net.hash else self.net.name or "ControlNet"
-        return (f"Module: {self.module}, Model: {model}, Weight: {self.scale:g}, Resize Mode: Just Resize, "
-                f"Guidance Start: {self.start:g}, Guidance End: {self.end:g}, Pixel Perfect: False, "
-                f"Control Mode: {MODES[self.mode]}")
+        extra = "".join(f", {k}: {v:g}" for k, v in (("Processor Res", self.processor_res), ("Threshold A", self.a),
+                                                   ("Threshold B", self.b)) if v is not None)
+        return (f"Module: {self.module}, Model: {model}, Weight: {self.scale:g}, Resize Mode: {RESIZE[self.resize]}"
+                f"{extra}, Guidance Start: {self.start:g}, Guidance End: {self.end:g}, "
+                f"Pixel Perfect: {self.processor_res is None}, Control Mode: {MODES[self.mode]}")
+
+
+def _fit(image: Image.Image, width, height, resize) -> Image.Image:
+    """A picture brought to width x height: stretched, covered and center-cropped, or fitted and padded."""
+    if image.size == (width, height):
+        return image
+    if resize == "just":
+        return image.resize((width, height), Image.LANCZOS)
+    w, h = image.size
+    s = (max if resize == "crop" else min)(width / w, height / h)
+    scaled = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))  # crop: negative offsets
+    return canvas
 
 
 def residuals(controls, hints, x, t, cond, step, total, guided):

@@ -318,7 +318,7 @@ class Pipeline:
 
             for c in r.control:  # ControlNets run where the U-Net does, in its precision
                 c.net.to(device, next(self.unet.parameters()).dtype)
-            hints = [c.hint(r.height, r.width, n).to(device) for c in r.control]
+            hints = [c.hint(r.height, r.width, n, r.mask).to(device) for c in r.control]
             denoiser = self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale, r.control, hints,
                                      step)
             z = spec(denoiser, x.to(device), sched, generator=g, callback=progress, eta=r.eta)

@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -54,6 +55,33 @@ class Txt2Img(BaseModel):
     n_iter: int = 1
     eta: float | None = None
     clip_skip: int = 1
+    alwayson_scripts: dict = Field(default_factory=dict)  # A1111's extensions' arguments: ControlNet's here
+
+
+class ControlUnit(BaseModel):
+    """A unit of A1111's ControlNet extension (alwayson_scripts.controlnet.args[i]); fields it has that would change
+    the image and nanosd does not have are refused by name, never ignored."""
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    module: str = "none"
+    model: str = ""
+    weight: float = 1.0
+    image: str | dict | None = None
+    input_image: str | None = None  # older clients' name (webuiapi)
+    mask: str | None = None
+    mask_image: str | None = None
+    resize_mode: int | str = "Crop and Resize"
+    processor_res: int = -1
+    threshold_a: float = -1
+    threshold_b: float = -1
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: int | str = 0
+    pixel_perfect: bool = False
+    low_vram: bool = False  # A1111's memory saving: the same image
+    lowvram: bool = False
+    guessmode: bool | None = None  # ControlNet 1.0's name for control_mode 2
+    hr_option: Literal["Both", "Low res only", "High res only"] = "Both"  # hires fix passes (nanosd has none yet)
 
 
 class Img2Img(Txt2Img):
@@ -86,8 +114,9 @@ class Job:
 
 
 class Server:
-    def __init__(self, pipe: Pipeline, model: str, limits: Limits | None = None):
+    def __init__(self, pipe: Pipeline, model: str, limits: Limits | None = None, controlnet_dirs=()):
         self.pipe, self.model, self.limits = pipe, model, limits or Limits()
+        self.controlnet_dirs, self.controlnets = list(controlnet_dirs), {}  # stem -> ControlNet, loaded once
         self.jobs: dict[int, Job] = {}
         self.queue: deque[Job] = deque()
         self.current: Job | None = None
@@ -118,7 +147,8 @@ class Server:
             raise Refused(f"clip_skip {r.clip_skip} must be from 1 to 4")
         request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps, sampler=r.sampler_name,
                           cfg_scale=r.cfg_scale, seed=r.seed if r.seed >= 0 else None, height=h, width=w,
-                          batch_size=r.batch_size, eta=r.eta, clip_skip=r.clip_skip, output="tensor")
+                          batch_size=r.batch_size, eta=r.eta, clip_skip=r.clip_skip, output="tensor",
+                          control=self.controls(r.alwayson_scripts))
         if kind == "img2img":
             image = self.decode_image(r.init_images[0], "init image")
             request.init = image if image.size == (w, h) else image.convert("RGB").resize((w, h), Image.LANCZOS)
@@ -129,6 +159,78 @@ class Server:
             return request.resolve(self.pipe)
         except ValueError as e:
             raise Refused(str(e)) from None
+
+    def controls(self, scripts: dict) -> list:
+        """ControlNet units (A1111's extension's request shape) as Controls; any other script is refused."""
+        from pydantic import ValidationError
+
+        from .controlnet import MODES, RESIZE, Control
+        from .preprocess import A1111_MODULES
+
+        other = [k for k in scripts if k.lower() != "controlnet"]
+        if other:
+            raise Refused(f"alwayson_scripts {', '.join(other)}: nanosd runs only the ControlNet script")
+        args = next(iter(scripts.values()), {}).get("args", []) if scripts else []
+        if not isinstance(args, list):
+            raise Refused("alwayson_scripts.controlnet.args must be a list of units")
+        units = []
+        for i, raw in enumerate(args):
+            try:
+                u = ControlUnit.model_validate(raw)
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise Refused(f"alwayson_scripts.controlnet.args[{i}].{'.'.join(map(str, first['loc']))}: "
+                              f"{first['msg']}") from None
+            if not u.enabled:
+                continue
+            where = f"ControlNet unit {i}"
+            image = u.image["image"] if isinstance(u.image, dict) else u.image or u.input_image
+            mask = (u.image.get("mask") if isinstance(u.image, dict) else None) or u.mask or u.mask_image
+            if not image:
+                raise Refused(f"{where}: give its image (base64)")
+            modes, resizes = list(MODES), list(RESIZE)
+            mode = "control" if u.guessmode else modes[u.control_mode] if isinstance(u.control_mode, int) and \
+                0 <= u.control_mode < 3 else {v: k for k, v in MODES.items()}.get(u.control_mode)
+            resize = resizes[u.resize_mode] if isinstance(u.resize_mode, int) and 0 <= u.resize_mode < 3 else \
+                {v: k for k, v in RESIZE.items()}.get(u.resize_mode)
+            if mode is None or resize is None:
+                bad = ("control_mode", u.control_mode) if mode is None else ("resize_mode", u.resize_mode)
+                raise Refused(f"{where}: {bad[0]} {bad[1]!r} is not one of A1111's")
+            module = A1111_MODULES.get(u.module)
+            if module is None:
+                raise Refused(f"{where}: module {u.module!r}: nanosd has {', '.join(A1111_MODULES)}")
+            units.append(Control(self.controlnet(u.model, where), self.decode_image(image, f"{where}'s image"),
+                                 u.weight, u.guidance_start, u.guidance_end, mode, module,
+                                 self.decode_image(mask, f"{where}'s mask") if mask else None,
+                                 None if u.threshold_a < 0 else u.threshold_a,
+                                 None if u.threshold_b < 0 else u.threshold_b, resize,
+                                 None if u.pixel_perfect or u.processor_res < 0 else u.processor_res))
+            try:
+                units[-1].check()
+            except ValueError as e:
+                raise Refused(f"{where}: {e}") from None
+        return units
+
+    def controlnet(self, name: str, where: str):
+        """A ControlNet of --controlnet-dir by A1111's name ("stem [hash]" or the stem), loaded once."""
+        from .controlnet import load_controlnet
+
+        stem = name.split(" [")[0]
+        found = {f.stem: f for f in self.controlnet_files()}
+        if stem not in found:
+            raise Refused(f"{where}: no ControlNet {name!r} (GET /controlnet/model_list lists them)")
+        if stem not in self.controlnets:
+            try:
+                self.controlnets[stem] = load_controlnet(found[stem], base=self.pipe)
+            except ValueError as e:
+                raise Refused(f"{where}: {e}") from None
+        return self.controlnets[stem]
+
+    def controlnet_files(self):
+        exts = (".safetensors", ".pth", ".ckpt")
+        files = [f for d in self.controlnet_dirs for f in sorted(Path(d).iterdir())
+                 if f.suffix in exts or (f / "config.json").is_file()]
+        return files
 
     def decode_image(self, data: str, what: str) -> Image.Image:
         if "," in data[:100] and data.startswith("data:"):  # a data URL, as browsers and A1111 clients send
@@ -254,12 +356,13 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
-def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key: str | None = None):
+def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key: str | None = None,
+               controlnet_dirs=()):
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    server = Server(pipe, model, limits)
+    server = Server(pipe, model, limits, controlnet_dirs)
     app = FastAPI(title="nanosd", docs_url=None, redoc_url=None)
     app.state.server = server
 
@@ -296,7 +399,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
                 "all_seeds": [done.seed + i // r.batch_size * r.batch_size for i in range(len(infos))],  # one per batch
                 "sampler_name": done.sampler.a1111, "steps": r.steps, "cfg_scale": r.cfg_scale,
                 "width": done.width, "height": done.height, "infotexts": infos}
-        return {"images": [_b64(png) for png, _ in job.images], "parameters": r.model_dump(exclude={"init_images", "mask"}),
+        return {"images": [_b64(png) for png, _ in job.images], "parameters": r.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}),
                 "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
@@ -318,6 +421,19 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():  # as A1111 answers: the embeddings loaded, by name
         return {"loaded": pipe.embeddings, "skipped": {}}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models():  # as A1111's ControlNet extension names them: "stem [hash]"
+        from .adapters import short_hash
+
+        return {"model_list": [f"{f.stem} [{short_hash(f)[:8]}]" if f.is_file() else f.name
+                               for f in server.controlnet_files()]}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules():
+        from .preprocess import A1111_MODULES
+
+        return {"module_list": list(A1111_MODULES)}
 
     @app.get("/sdapi/v1/progress")
     async def progress():
@@ -395,7 +511,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
 
 def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None, family=None,
-          prediction=None, config=None, loras=(), lora_dirs=(), embedding_dirs=()):
+          prediction=None, config=None, loras=(), lora_dirs=(), embedding_dirs=(), controlnet_dirs=()):
     import uvicorn
 
     from .adapters import setup
@@ -406,4 +522,7 @@ def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits 
     pipe = load(model, family=family, prediction=prediction, config=config)
     setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
     name = Path(model).stem if Path(model).is_file() else Path(model).name
-    uvicorn.run(create_app(pipe, name, limits, api_key), host=host, port=port, log_level="warning")
+    for d in controlnet_dirs:
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"--controlnet-dir {d} is not a folder")
+    uvicorn.run(create_app(pipe, name, limits, api_key, controlnet_dirs), host=host, port=port, log_level="warning")

@@ -238,3 +238,52 @@ def test_the_page_in_headless_chromium(served, tmp_path):
     params = im.text["parameters"]
     assert params.startswith("a (cat:1.2)\nNegative prompt: a dog\nSteps: 6, Sampler: DPM++ 2M") and "Seed: 42" in params
     assert Image.open(tmp_path / "page.png").size[0] >= 1100
+
+
+def test_controlnet_units_as_a1111s_extension_takes_them(model, tmp_path):
+    """webuiapi's ControlNetUnit (every field it sends) against a ControlNet in --controlnet-dir; the unit changes
+    the image, the infotext names it, and units nanosd cannot run are 4xx naming the field."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from nanosd import ControlNet, save_controlnet
+
+    pipe = load(model)
+    torch.manual_seed(0)
+    net = ControlNet(pipe.cfg.unet, widths=(16,))  # pixels: no halving
+    with torch.no_grad():  # the zero convolutions made to act, and the one-step U-Net's output layer to listen
+        pipe.unet.out[2].weight.normal_(0, 0.1)
+        for m in [*net.zero_convs, net.middle_block_out, net.input_hint_block[-1:]]:
+            for p in m.parameters():
+                p.normal_(0, 0.3)
+    save_controlnet(net, tmp_path / "control_tiny.safetensors")
+    app = create_app(pipe, "tiny", Limits(max_side=64), controlnet_dirs=[tmp_path])
+    url, server = start(app)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+        names = api.controlnet_model_list()
+        assert len(names) == 1 and names[0].startswith("control_tiny [")
+        edges = Image.new("RGB", (8, 8))
+        edges.paste((255, 255, 255), (2, 2, 6, 6))
+        kw = dict(prompt="a cat", steps=3, seed=3, width=8, height=8, cfg_scale=3, sampler_name="DDIM")  # webuiapi: eta 1
+        plain = api.txt2img(**kw)
+        unit = webuiapi.ControlNetUnit(image=edges, module="canny", model=names[0], weight=0.9, control_mode=1,
+                                       guidance_end=0.8, pixel_perfect=True)
+        controlled = api.txt2img(controlnet_units=[unit], **kw)
+        a, b = (torch.tensor(list(r.image.convert("L").getdata()), dtype=torch.float) for r in (plain, controlled))
+        assert (a - b).abs().max() > 10
+        info = controlled.info["infotexts"][0]
+        assert 'ControlNet 0: "Module: canny, Model: control_tiny [' in info and "Weight: 0.9" in info
+        assert "Control Mode: My prompt is more important" in info and "Guidance End: 0.8" in info
+        off = webuiapi.ControlNetUnit(image=edges, model=names[0], enabled=False)
+        assert list(api.txt2img(controlnet_units=[off], **kw).image.getdata()) == list(plain.image.getdata())
+        bad_units = [({"model": "nope"}, "no ControlNet 'nope'"), ({"control_mode": 7}, "control_mode 7"),
+                     ({"module": "depth_midas"}, "module 'depth_midas'"), ({"strength": 2}, "strength"),
+                     ({"guidance_start": 0.9, "guidance_end": 0.1}, "start 0.9 and end 0.1")]
+        for change, message in bad_units:
+            body = {**kw, "alwayson_scripts": {"controlnet": {"args": [{**unit.to_dict(), **change}]}}}
+            status, out = call(url, "/sdapi/v1/txt2img", body)
+            assert status == 400 and message in out["detail"], (change, out)
+        status, out = call(url, "/sdapi/v1/txt2img", {**kw, "alwayson_scripts": {"adetailer": {"args": []}}})
+        assert status == 400 and "adetailer" in out["detail"]
+    finally:
+        server.should_exit = True

@@ -1,0 +1,84 @@
+"""Control images from pictures (A1111's ControlNet "modules"), with OpenCV: the ones that need no network.
+
+canny    white edges on black (cv2.Canny; thresholds low / high, A1111's 100 / 200)
+scribble thick white strokes where the picture has lines: difference of Gaussians, thresholded (A1111's
+         scribble_xdog), for scribble and lineart ControlNets
+inpaint  the picture with the hole (mask white) at -1, as ControlNet 1.1's inpaint model reads it
+tile     the picture blurred by a downscale (A1111's tile_resample), for the tile ControlNet
+none     the picture as it is
+Each returns an (H, W, 3) float32 array: [0, 1], except inpaint's -1 in the hole."""
+import numpy as np
+from PIL import Image
+
+KINDS = ("canny", "scribble", "inpaint", "tile", "none")
+A1111_MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble", "inpaint_only": "inpaint",
+                 "inpaint": "inpaint", "tile_resample": "tile", "scribble": "scribble", "tile": "tile"}
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError("control images need OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def _rgb(image) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return np.asarray(image.convert("RGB"))
+
+
+def canny(image, low=100, high=200):
+    if not 0 <= low <= high:
+        raise ValueError(f"canny thresholds low {low} and high {high}: need 0 <= low <= high (A1111: 100, 200)")
+    edges = _cv2().Canny(_rgb(image), low, high)
+    return np.repeat(edges[..., None], 3, axis=2).astype(np.float32) / 255
+
+
+def scribble(image, threshold=32):
+    cv2 = _cv2()
+    rgb = _rgb(image).astype(np.float32)
+    dog = cv2.GaussianBlur(rgb, (0, 0), 5.0) - cv2.GaussianBlur(rgb, (0, 0), 0.5)
+    lines = (-dog.min(axis=2)) * 2 > threshold  # darker than its surroundings: a stroke
+    return np.repeat(lines[..., None], 3, axis=2).astype(np.float32)
+
+
+def inpaint(image, mask):
+    if mask is None:
+        raise ValueError("the inpaint control needs a mask (white = the hole): inpaint with it, or give --control-mask")
+    rgb = _rgb(image).astype(np.float32) / 255
+    m = np.asarray(mask.convert("L").resize((rgb.shape[1], rgb.shape[0]))) >= 128 if isinstance(mask, Image.Image) \
+        else np.asarray(mask, dtype=np.float32).squeeze() >= 0.5
+    rgb[m] = -1.0
+    return rgb
+
+
+def tile(image, down=2.0):
+    if down < 1:
+        raise ValueError(f"tile downscale {down}: give 1 or more (1: the picture as it is)")
+    cv2, rgb = _cv2(), _rgb(image)
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, (max(1, round(w / down)), max(1, round(h / down))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255
+
+
+def control_image(image, kind="canny", mask=None, a=None, b=None) -> np.ndarray:
+    """The control image of `kind` for a picture (PIL or uint8 array); a, b: the kind's thresholds (A1111's
+    threshold_a / threshold_b: canny's low / high, scribble's threshold, tile's downscale)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown control image kind {kind!r}: one of {', '.join(KINDS)}")
+    if kind == "canny":
+        return canny(image, *(v for v in (a, b) if v is not None))
+    if kind == "scribble":
+        return scribble(image, *(v for v in (a,) if v is not None))
+    if kind == "inpaint":
+        return inpaint(image, mask)
+    if kind == "tile":
+        return tile(image, *(v for v in (a,) if v is not None))
+    return _rgb(image).astype(np.float32) / 255
+
+
+def to_image(array: np.ndarray) -> Image.Image:
+    """A control image as a PNG-able picture (inpaint's hole, -1, shown black)."""
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
