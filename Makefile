@@ -43,3 +43,5 @@ figures: demo
 	nanosd explain size runs/fig-xl --out docs/size-conditioning.png
 	nanosd train configs/fashion-lora.toml --out runs/fig-fashion-lora lora.base=$(RUN)
 	nanosd generate runs/fig-fashion-lora --prompts configs/fashion-prompts.txt --n 8 --seed 0 --out docs/fashion-lora.png
+	nanosd train configs/mnist-control.toml --out runs/fig-control controlnet.base=$(RUN)
+	nanosd explain control runs/fig-control --out docs/mnist-control.png

@@ -29,6 +29,7 @@ def cmd_generate(a):
     from .pipeline import load
     from .run import is_run
 
+    control_flags(a)
     pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema, config=a.config,
                 family=a.family, prediction=a.prediction)
     pipe.progress = True
@@ -80,25 +81,29 @@ def add_loras(pipe, a, merge=False):
     setup(pipe, a.lora, a.lora_dir, merge, a.embedding_dir)
 
 
+def control_flags(a) -> dict:
+    """The --control-* options given, checked against the --controlnet count (before any model loads)."""
+    nets = a.controlnet or []
+    per_unit = {"image": a.control_image, "scale": a.control_scale, "start": a.control_start, "end": a.control_end,
+                "mode": a.control_mode, "module": a.control_module}
+    given = [f"--control-{k}" for k, v in per_unit.items() if v]
+    if not nets and given:
+        raise ValueError(f"{', '.join(given)} without --controlnet: give the ControlNet file they are for")
+    for k, v in per_unit.items():
+        if v and len(v) not in (1, len(nets)):
+            raise ValueError(f"{len(v)} --control-{k} for {len(nets)} --controlnet: give one for all, or one each")
+    if nets and not a.control_image:
+        raise ValueError("--controlnet needs --control-image IMG (the control: edges, a scribble, ...; "
+                         "`nanosd control-image` makes one)")
+    return per_unit
+
+
 def controls(pipe, a):
     """--controlnet FILE --control-image IMG [--control-scale S ...], repeatable: unit i takes the i-th of each
     option given, or the one value given for all."""
     from .controlnet import Control, load_controlnet
 
-    nets = a.controlnet or []
-    per_unit = {"image": a.control_image, "scale": a.control_scale, "start": a.control_start, "end": a.control_end,
-                "mode": a.control_mode, "module": a.control_module}
-    if not nets:
-        given = [f"--control-{k}" for k, v in per_unit.items() if v]
-        if given:
-            raise ValueError(f"{', '.join(given)} without --controlnet: give the ControlNet file they are for")
-        return []
-    for k, v in per_unit.items():
-        if v and len(v) not in (1, len(nets)):
-            raise ValueError(f"{len(v)} --control-{k} for {len(nets)} --controlnet: give one for all, or one each")
-    if not a.control_image:
-        raise ValueError("--controlnet needs --control-image IMG (the control: edges, a scribble, ...; "
-                         "`nanosd control-image` makes one)")
+    nets, per_unit = a.controlnet or [], control_flags(a)
     loaded = {}
     units = []
     for i, net in enumerate(nets):
@@ -205,6 +210,14 @@ def cmd_eval_concat(a):
 
     scores = evaluate_concat(a.run, n=a.n, seed=a.seed)
     print(", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" (N={a.n} held-out images)")
+
+
+def cmd_eval_control(a):
+    from .metrics import evaluate_control
+
+    scores = evaluate_control(a.run, n=a.n, seed=a.seed, out=a.out)
+    print(", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" (N={a.n} held-out images)"
+          + (f"; samples in {a.out}/" if a.out else ""))
 
 
 def cmd_explain(a):
@@ -361,8 +374,15 @@ def main(argv=None):
     vc.add_argument("--seed", type=int, default=0)
     vc.set_defaults(fn=cmd_eval_concat)
 
-    e = sub.add_parser("explain", help="figures: forward, reverse, latent, attention, concat, size")
-    e.add_argument("what", choices=["forward", "reverse", "latent", "attention", "concat", "size"])
+    vn = vsub.add_parser("control", help="a ControlNet run: edge F1 of its samples with and without it")
+    vn.add_argument("run")
+    vn.add_argument("--n", type=int, default=200)
+    vn.add_argument("--seed", type=int, default=0)
+    vn.add_argument("--out", help="write the samples here (control/ and plain/, one folder per label)")
+    vn.set_defaults(fn=cmd_eval_control)
+
+    e = sub.add_parser("explain", help="figures: forward, reverse, latent, attention, concat, size, control")
+    e.add_argument("what", choices=["forward", "reverse", "latent", "attention", "concat", "size", "control"])
     e.add_argument("run", nargs="?", help="run folder (all but forward)")
     e.add_argument("prompt", nargs="?", help="attention: the prompt")
     e.add_argument("--out", help="output PNG")

@@ -98,6 +98,15 @@ class LoraConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    base: str = ""  # the frozen model it steers: a run folder or a Stable Diffusion file or folder
+    kind: str = "canny"  # the preprocessor that makes each training image's control (canny, scribble, tile)
+    a: float | None = None  # its thresholds (None: its defaults)
+    b: float | None = None
+    drop_prob: float = 0.5  # prompts dropped to "" (the paper's 50%): the control alone must carry the image
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -108,6 +117,7 @@ class Config:
     autoencoder_train: TrainConfig | None = None  # how to train that autoencoder when none is given
     condition: ConditionConfig | None = None  # present: a conditioned model (text or class labels)
     lora: LoraConfig | None = None  # present: train a LoRA on lora.base (a run folder) instead of a model
+    controlnet: ControlNetConfig | None = None  # present: train a ControlNet on controlnet.base instead
 
     def validate(self):
         self.unet.validate()

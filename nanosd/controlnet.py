@@ -7,6 +7,7 @@ control image down to the latent resolution) and the zero convolutions: the orig
 (`input_hint_block`, `zero_convs.N.0`, `middle_block_out.0`), so its files load without a table. Files: the
 original single file (`control_model.*` or bare keys, .safetensors or .pth through the weights-only unpickler), the
 "diff" files (differences to the base U-Net, kohya's `difference` key) and diffusers' `ControlNetModel` folders."""
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .preprocess import KINDS, control_image, to_image
 from .unet import Encoder, UNetConfig
 
 PREFIX = "control_model."
+RUN_FILE = "controlnet.safetensors"  # what a ControlNet run leaves (original layout), beside controlnet/ (diffusers)
 HINT = (16, 32, 96, 256)  # the hint encoder's widths for f = 8 (SD); one fewer halving per factor of 2 less
 MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "control": "ControlNet is more important"}
 RESIZE = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # A1111's resize modes
@@ -125,6 +127,9 @@ class Control:
         if isinstance(image, (str, Path)):
             raise ValueError(f"control image {image}: give a PIL image or a tensor (Image.open it first)")
         if isinstance(image, Image.Image):
+            if image.mode.startswith(("I", "F")):  # 16-bit or float: RGB would clip it to white
+                raise ValueError(f"the control image is in mode {image.mode} (16-bit or float): save it as an 8-bit "
+                                 "RGB or grayscale picture")
             image = image.convert("RGB")
             if self.module not in ("none", "inpaint") and self.processor_res:  # A1111's order: detect, then fit
                 w, h = image.size
@@ -194,6 +199,39 @@ def residuals(controls, hints, x, t, cond, step, total, guided):
     return out
 
 
+class ControlledUNet(nn.Module):
+    """A frozen U-Net steered by a trainable ControlNet: what `nanosd train` trains. The U-Net is not a submodule
+    (not trained, not saved, shared by the trainer's EMA copy); the batch's `hint` goes to the ControlNet."""
+
+    def __init__(self, base: nn.Module, controlnet: ControlNet):
+        super().__init__()
+        object.__setattr__(self, "base", base.requires_grad_(False))
+        self.controlnet, self.cfg = controlnet, base.cfg
+
+    def _apply(self, fn, *args, **kw):  # .to(device) moves the frozen U-Net along
+        self.base._apply(fn, *args, **kw)
+        return super()._apply(fn, *args, **kw)
+
+    def __deepcopy__(self, memo):
+        memo[id(self.base)] = self.base  # the EMA copy shares the frozen U-Net
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
+    def forward(self, x, t, context=None, y=None, concat=None, context_mask=None, hint=None):
+        control = self.controlnet(x, t, hint, context=context, y=y, context_mask=context_mask)
+        return self.base(x, t, context=context, y=y, concat=concat, context_mask=context_mask, control=control)
+
+
+def copy_encoder(net: ControlNet, unet: nn.Module) -> ControlNet:
+    """The ControlNet's encoder starts as the U-Net's (the paper's trainable copy); what has no twin stays as built."""
+    own = net.state_dict()
+    net.load_state_dict({k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape},
+                        strict=False)
+    return net
+
+
 # --- files ---
 
 def load_controlnet(path, base=None, dtype=torch.float32) -> ControlNet:
@@ -203,6 +241,8 @@ def load_controlnet(path, base=None, dtype=torch.float32) -> ControlNet:
     from .formats import diffusers
 
     path = Path(path)
+    if (path / RUN_FILE).is_file():  # a run folder of nanosd train
+        path = path / RUN_FILE
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"ControlNet folder {path} has no config.json (a diffusers ControlNetModel)")

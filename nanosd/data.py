@@ -117,6 +117,7 @@ class ImageSet:
     classes: list[str]
     captions: list[list[str]] | None = None  # phrasings for each image, for text conditioning
     pixels: torch.Tensor | None = None  # latent sets: the images too, for spatial conditions
+    hints: torch.Tensor | None = None  # ControlNet training: each image's control, uint8 (N, 1 or 3, H, W)
 
     def __len__(self):
         return len(self.images)
@@ -132,6 +133,8 @@ class ImageSet:
             batch["label"] = self.labels[idx]
         if self.pixels is not None:
             batch["pixels"] = self.pixels[idx]
+        if self.hints is not None:
+            batch["hint"] = (self.hints[idx].float() / 255).expand(-1, 3, -1, -1)
         if self.captions is not None:
             batch["captions"] = [self.captions[i] for i in idx.tolist()]
         return batch

@@ -79,6 +79,24 @@ def control_image(image, kind="canny", mask=None, a=None, b=None) -> np.ndarray:
     return _rgb(image).astype(np.float32) / 255
 
 
+def control_images(images, kind="canny", a=None, b=None):
+    """Each image's control ((N, C, H, W) in [-1, 1], as data sets hold them) as uint8 (N, 1 or 3, H, W): one
+    channel when the set is gray. Made once, before training."""
+    import torch
+    from tqdm import tqdm
+
+    if kind not in ("canny", "scribble", "tile", "none"):
+        raise ValueError(f"controlnet.kind {kind!r}: trainable kinds are canny, scribble, tile and none (inpaint "
+                         "needs a mask per image)")
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    keep = 1 if images.shape[1] == 1 else 3
+    out = np.empty((len(u8), keep, *u8.shape[1:3]), np.uint8)
+    for i, im in enumerate(tqdm(u8, desc=f"{kind} control images", leave=False, disable=len(u8) < 5000)):
+        rgb = np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im
+        out[i] = (control_image(rgb, kind, None, a, b) * 255).round().astype(np.uint8).transpose(2, 0, 1)[:keep]
+    return torch.from_numpy(out)
+
+
 def to_image(array: np.ndarray) -> Image.Image:
     """A control image as a PNG-able picture (inpaint's hole, -1, shown black)."""
     return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))

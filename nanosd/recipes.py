@@ -16,6 +16,7 @@ from .config import Config, TrainConfig, dump_config, load_config
 from .data import ImageSet, load_dataset
 from .images import save_grid
 from .io import cache_dir, load_tensors, save_tensors
+from .preprocess import control_images
 from .schedule import Schedule
 from .train import Trainer, distributed
 from .unet import UNet
@@ -40,6 +41,8 @@ def diffusion_loss(model, batch, g, step=None, *, schedule: Schedule, prediction
         if c.cfg.concat:  # from the pixels (a latent model's data keeps them beside the latents)
             image, mask = c.derive(batch.get("pixels", x0), g)
             cond["concat"] = c.spatial(image, mask, x0.shape[-2:])
+    if "hint" in batch:  # a ControlNet's control image
+        cond["hint"] = batch["hint"]
     out = unet(schedule.q_sample(x0, t, noise), t, **cond)
     target = schedule.target(prediction, x0, noise, t)
     per_image = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
@@ -55,13 +58,14 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
     same wall-clock budget, then the U-Net on the cached, scaled latents."""
     run_dir = Path(run_dir)
-    base = None  # a LoRA recipe's frozen model, loaded once
-    if cfg is not None and cfg.lora:
-        base = lora_base(cfg.lora.base)
-        cfg = lora_config(cfg, base)
+    base = None  # a LoRA or ControlNet recipe's frozen model, loaded once
+    adapter = cfg is not None and (cfg.lora or cfg.controlnet)
+    if adapter:
+        base = frozen_base(adapter.base)
+        cfg = on_base(cfg, base)
     cfg = _open_run(cfg, run_dir, minutes, steps)
-    if cfg.lora:
-        return train_lora(cfg, run_dir, base or lora_base(cfg.lora.base))
+    if cfg.lora or cfg.controlnet:
+        return train_on_base(cfg, run_dir, base or frozen_base((cfg.lora or cfg.controlnet).base))
     data = load_dataset(cfg.data.name, cfg.data.size)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)
@@ -109,14 +113,14 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     return run_dir
 
 
-def lora_base(path):
-    """A LoRA recipe's frozen model: (config, model, autoencoder, the autoencoder's folder, SD family or None),
-    from a run folder or a Stable Diffusion file or folder."""
+def frozen_base(path):
+    """A LoRA or ControlNet recipe's frozen model: (config, model, autoencoder, the autoencoder's folder, SD family
+    or None), from a run folder or a Stable Diffusion file or folder."""
     path = Path(path)
     if run.is_run(path):
         b, model, ae, _ = run.load_run(path)
-        if b.lora:
-            raise ValueError(f"lora.base {path} is itself a LoRA run: give the run folder it patches")
+        if b.lora or b.controlnet:
+            raise ValueError(f"base {path} is itself a LoRA or ControlNet run: give the run folder it was made on")
         return b, model, ae, path / run.AUTOENCODER, None
     from .pipeline import load
 
@@ -124,33 +128,58 @@ def lora_base(path):
     return pipe.cfg, ConditionedUNet(pipe.unet, pipe.conditioner), pipe.autoencoder, path, pipe.family
 
 
-def lora_config(cfg: Config, base) -> Config:
-    """A LoRA recipe's config: the base's model (U-Net, autoencoder, diffusion, condition) with the recipe's own
-    data, training, sampling and LoRA settings; a run's data size, or for an SD base the recipe's (a multiple of 64)."""
+def on_base(cfg: Config, base) -> Config:
+    """A LoRA or ControlNet recipe's config: the base's model (U-Net, autoencoder, diffusion, condition) with the
+    recipe's own data, training, sampling and adapter settings; a run's data size, or for an SD base the recipe's
+    (a multiple of 64). A ControlNet drops its own share of prompts (controlnet.drop_prob)."""
     b, family = base[0], base[4]
     size = cfg.data.size if family else b.data.size
-    return replace(cfg, unet=b.unet, autoencoder=b.autoencoder, diffusion=b.diffusion, condition=b.condition,
+    condition = b.condition
+    if cfg.controlnet and condition:
+        condition = replace(condition, drop_prob=cfg.controlnet.drop_prob)
+    return replace(cfg, unet=b.unet, autoencoder=b.autoencoder, diffusion=b.diffusion, condition=condition,
                    data=replace(cfg.data, size=size), autoencoder_train=None)
 
 
-def train_lora(cfg: Config, run_dir: Path, base):
-    """A LoRA on a frozen model (lora.base, loaded by lora_base): the one trainer on the deltas alone, the base's
-    autoencoder and conditioner; the deltas written in kohya's format (run_dir/lora.safetensors) at the end."""
+def train_on_base(cfg: Config, run_dir: Path, base):
+    """A LoRA, a textual inversion or a ControlNet on a frozen model (its `base`, loaded by frozen_base): the one
+    trainer on what is new alone, with the base's autoencoder and conditioner; written at the end in the formats
+    other tools read (kohya's LoRA, A1111's embedding, the original ControlNet layout and a diffusers folder)."""
     from .adapters import LoraUNet
 
     _, model, ae, ae_dir, family = base
-    base = Path(cfg.lora.base)
+    base = Path((cfg.lora or cfg.controlnet).base)
     data = load_dataset(cfg.data.name, cfg.data.size)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)
+    hints = None
+    if cfg.controlnet:  # each image's control, made from its pixels before they become latents
+        c = cfg.controlnet
+        if not isinstance(data, ImageSet):
+            raise ValueError("ControlNet training makes each image's control in memory: train it on a data set or "
+                             "an image folder, not on shards")
+        hints = control_images(data.images, c.kind, c.a, c.b)
     if ae is not None:
         data, _ = latent_data(cfg, ae_dir, ae, data)
+    data.hints = hints
     if cfg.condition:
         cfg = with_condition(cfg, data)
     if rank == 0:
         run.write_config(cfg, run_dir)
     conditioned = isinstance(model, ConditionedUNet)
-    if cfg.lora.embedding:  # textual inversion: one new token's vectors learn, everything else frozen
+    schedule = Schedule.of(cfg.diffusion)
+    evaluate = control_rows(cfg, run_dir, ae) if cfg.controlnet else grids(cfg, run_dir, schedule, ae, data)
+    if cfg.controlnet:
+        from .controlnet import ControlNet, ControlledUNet, copy_encoder, hint_widths
+
+        unet = model.unet if conditioned else model
+        torch.manual_seed(cfg.train.seed)
+        cn = copy_encoder(ControlNet(unet.cfg, hint_widths(ae.cfg.factor if ae else 1)), unet)
+        controlled = ControlledUNet(unet, cn)
+        net = ConditionedUNet(controlled, model.conditioner.requires_grad_(False)) if conditioned else controlled
+        what = (f"ControlNet ({sum(p.numel() for p in cn.parameters()) / 1e6:.2f}M parameters, "
+                f"{cfg.controlnet.kind} controls)")
+    elif cfg.lora.embedding:  # textual inversion: one new token's vectors learn, everything else frozen
         net, token = _token_model(cfg, model, data), cfg.lora.embedding
         what = f"textual inversion: {token!r} as {cfg.lora.vectors} vector(s)"
     else:
@@ -165,19 +194,25 @@ def train_lora(cfg: Config, run_dir: Path, base):
         net = ConditionedUNet(lora, model.conditioner.requires_grad_(False)) if conditioned else lora
         what = (f"LoRA of rank {cfg.lora.rank} on {len(lora.down)} modules "
                 f"({sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M parameters)")
-    schedule = Schedule.of(cfg.diffusion)
 
     def loss_fn(model, batch, g, step):
         return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
                               weighting=cfg.diffusion.loss_weighting)
 
-    trainer = Trainer(run_dir, net, loss_fn, data, cfg.train, evaluate=grids(cfg, run_dir, schedule, ae, data),
-                      device=device)
+    trainer = Trainer(run_dir, net, loss_fn, data, cfg.train, evaluate=evaluate, device=device)
     if trainer.resume():
         say(f"resuming {run_dir} from step {trainer.step}")
     say(f"{what} of {base}, {len(data)} samples of {cfg.data.name}")
     trainer.fit()
-    if rank == 0 and cfg.lora.embedding:  # as A1111 reads embeddings: RUN/TOKEN.safetensors (emb_params)
+    if rank == 0 and cfg.controlnet:
+        from .controlnet import RUN_FILE, save_controlnet
+
+        cn = (trainer.ema.unet if conditioned else trainer.ema).controlnet
+        save_controlnet(cn, run_dir / RUN_FILE)
+        save_controlnet(cn, run_dir / "controlnet")
+        say(f"wrote {run_dir / RUN_FILE} and {run_dir / 'controlnet'}/ (use it: nanosd generate {base} PROMPT "
+            f"--controlnet {run_dir / RUN_FILE} --control-image CONTROL.png)")
+    elif rank == 0 and cfg.lora.embedding:  # as A1111 reads embeddings: RUN/TOKEN.safetensors (emb_params)
         vectors = trainer.ema.conditioner.text.model.embeddings.token_embedding.extra
         save_tensors({"emb_params": vectors.detach().float().contiguous()}, run_dir / f"{token}.safetensors")
         say(f"wrote {run_dir / token}.safetensors (in prompts: {token!r}; nanosd generate {base} --embedding-dir "
@@ -192,6 +227,32 @@ def train_lora(cfg: Config, run_dir: Path, base):
         dist.barrier()  # rank 0's file is written before anyone leaves
         dist.destroy_process_group()
     return run_dir
+
+
+def control_rows(cfg: Config, run_dir: Path, ae):
+    """A ControlNet run's grid: rows of control, sample (the EMA ControlNet steering the frozen model), original,
+    for held-out images with their own captions."""
+    from .controlnet import Control
+    from .pipeline import Pipeline
+
+    held = load_dataset(cfg.data.name, cfg.data.size, split="test")
+    held = held if len(held) else load_dataset(cfg.data.name, cfg.data.size)
+    idx = held.spread_index(8)
+    c = cfg.controlnet
+    hints = (control_images(held.images[idx], c.kind, c.a, c.b).float() / 255).expand(-1, 3, -1, -1)
+    prompts = [held.captions[i][0] for i in idx.tolist()] if held.captions else None
+
+    def evaluate(step, ema):
+        controlled = ema.unet if isinstance(ema, ConditionedUNet) else ema
+        conditioner = ema.conditioner if isinstance(ema, ConditionedUNet) else None
+        pipe = Pipeline(controlled.base, Schedule.of(cfg.diffusion), cfg, ae, conditioner)
+        made = pipe.generate(prompts, batch_size=len(idx), seed=0, output="tensor",
+                             control=[Control(controlled.controlnet, hints)]).images
+        gray = (lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+        rows = torch.cat([hints.cpu(), gray(made), gray((held.images[idx] + 1) / 2)])
+        save_grid(rows, run_dir / run.GRIDS / f"step_{step:07d}.png", nrow=len(idx))
+        save_grid(rows, run_dir / run.GRID, nrow=len(idx))
+    return evaluate
 
 
 def _token_model(cfg, model, data):

@@ -164,6 +164,8 @@ def test_bad_controls_get_one_line_errors(setup, tmp_path):
 
     refused("the control image is 32x32 px and the image 64x64", image=torch.rand(1, 3, 32, 32))
     refused("3-channel", image=torch.rand(1, 1, 64, 64))
+    refused("mode I;16", image=Image.new("I;16", (64, 64)))
+    refused("values must be in", image=torch.rand(1, 3, 64, 64) * 3)
     refused("start 0.5 and end 0.2", start=0.5, end=0.2)
     refused("control mode 'loud'", mode="loud")
     other = nanosd.ControlNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=[1, 2], context_dim=64, attention_levels=[1],
@@ -174,3 +176,73 @@ def test_bad_controls_get_one_line_errors(setup, tmp_path):
         nanosd.load_controlnet(tmp_path / "nohint.safetensors")
     with pytest.raises(ValueError, match="a ControlNet, not a whole checkpoint"):
         nanosd.load(tmp_path / "nohint.safetensors")
+
+
+def test_a_controlnet_trained_here_on_an_sd_checkpoint_is_read_by_diffusers(tmp_path):
+    """controlnet.base = a Stable Diffusion folder: the ControlNet trains on its frozen U-Net (the canny edges of
+    captioned images as controls); the run's diffusers folder gives in diffusers the image it gives in nanosd, and
+    the CLI takes the run's single file."""
+    from nanosd.cli import main
+    from nanosd.config import load_config
+    from nanosd.preprocess import canny
+    from nanosd.recipes import train
+
+    ref, folder = tiny_reference(tmp_path, vae_channels=(8, 8, 16, 16))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        im = Image.new("RGB", (64, 64), (20, 20, 20))
+        im.paste((200, 180, 40), (8 + 4 * i, 10, 40 + 2 * i, 50))
+        im.save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(["a yellow box", "a box"][i % 2])
+    cfg = load_config(values={"data": {"name": str(images), "size": 64}, "controlnet": {"base": str(folder)},
+                              "train": {"batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "steps": 3, "sample_every": 3,
+                                        "checkpoint_every": 100, "ema_decay": 0.0},
+                              "sample": {"steps": 2, "n": 2}})
+    run = train(cfg, tmp_path / "control")
+    assert (run / "samples.png").is_file()  # rows of control, sample, original
+    pipe = nanosd.load(folder)
+    net = nanosd.load_controlnet(run, base=pipe)  # the run folder: its controlnet.safetensors
+    assert net.middle_block_out[0].weight.abs().max() > 0  # trained away from zero
+    control = Image.open(images / "3.png")
+    ours = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(net, control, module="canny")], **KW).images
+    edges = Image.fromarray((torch.from_numpy(canny(control)) * 255).byte().numpy())
+    expected = reference(ref, [diffusers.ControlNetModel.from_pretrained(run / "controlnet")], [edges], [1.0], [0.0],
+                         [1.0], prompt=PLAIN, negative_prompt=NEGATIVES)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    edges.save(tmp_path / "edges.png")
+    assert main(["generate", str(folder), "a box", "--steps", "2", "--size", "64x64", "--controlnet",
+                 str(run / "controlnet.safetensors"), "--control-image", str(tmp_path / "edges.png"),
+                 "--control-scale", "0.7", "--out", str(tmp_path / "out.png")]) == 0
+    info = Image.open(tmp_path / "out.png").text["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: controlnet [' in info and "Weight: 0.7" in info
+
+
+def test_control_images_and_their_command(tmp_path, capsys):
+    from nanosd.cli import main
+    from nanosd.preprocess import control_image
+
+    picture = Image.new("RGB", (64, 48), (255, 255, 255))
+    picture.paste((0, 0, 0), (16, 12, 48, 36))  # a black box on white
+    edges = control_image(picture, "canny")
+    assert edges.shape == (48, 64, 3) and set(edges.flatten().tolist()) == {0.0, 1.0}
+    assert edges[12, 16:48].mean() > 0.5 and edges[24, 30] == 0  # on the box's border, not inside it
+    scribble = control_image(picture, "scribble")
+    assert scribble[24, 30, 0] == 1 and scribble[2, 2, 0] == 0  # the dark box is a stroke, the paper is not
+    tile = control_image(picture, "tile", a=4)
+    assert 0 < tile[12, 16, 0] < 1  # blurred across the border
+    mask = Image.new("L", (64, 48))
+    mask.paste(255, (0, 0, 8, 8))
+    hole = control_image(picture, "inpaint", mask=mask)
+    assert (hole[:8, :8] == -1).all() and (hole[20:, 20:] >= 0).all()
+    for bad, match in ((dict(kind="depth"), "unknown control image kind"), (dict(kind="canny", a=200, b=100),
+                       "low 200 and high 100"), (dict(kind="inpaint"), "needs a mask")):
+        with pytest.raises(ValueError, match=match):
+            control_image(picture, **bad)
+    picture.save(tmp_path / "p.png")
+    assert main(["control-image", str(tmp_path / "p.png"), "--kind", "canny", "--out", str(tmp_path / "c.png")]) == 0
+    assert "canny control image, 64x48" in capsys.readouterr().out
+    assert (torch.tensor(list(Image.open(tmp_path / "c.png").convert("L").getdata())) > 0).float().mean() > 0.02
+    # the CLI's units: options without --controlnet, and counts that do not pair, are refused in one line
+    assert main(["generate", "nothing", "x", "--control-image", "c.png"]) == 2
+    assert "--control-image without --controlnet" in capsys.readouterr().err

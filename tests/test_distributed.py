@@ -177,3 +177,19 @@ def test_a_lora_trains_under_torchrun_as_in_one_process(recipe, tmp_path):
     assert a.keys() == b.keys() and any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in a.items())
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert losses(tmp_path / "two")[0]["world_size"] == 2
+
+
+def test_a_controlnet_trains_under_torchrun_and_resumes_as_in_one_process(recipe, tmp_path):
+    """A ControlNet on a frozen run (controlnet.base, canny controls of the images): two processes for three steps
+    write the ControlNet that one process writes in two steps and then, resumed, a third."""
+    run(1, recipe, "--steps", 2, "--out", tmp_path / "base")
+    control = tmp_path / "control.toml"
+    control.write_text(recipe.read_text().split("[unet]")[0] + f'[controlnet]\nbase = "{tmp_path / "base"}"\n'
+                       + "[train]" + recipe.read_text().split("[train]")[1])
+    run(2, control, "--steps", 3, "--out", tmp_path / "two")
+    run(1, control, "--steps", 2, "--out", tmp_path / "one")
+    run(1, tmp_path / "one", "--steps", 3)
+    a, b = (load_tensors(tmp_path / p / "controlnet.safetensors") for p in ("two", "one"))
+    assert a.keys() == b.keys() and a["control_model.middle_block_out.0.weight"].abs().max() > 0  # it learned
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert (tmp_path / "two" / "controlnet" / "config.json").is_file()

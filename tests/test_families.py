@@ -332,3 +332,33 @@ def test_sdxl_in_bf16_long_prompts_and_the_a1111_api(family):
     assert status == 200, body
     info = json.loads(body["info"])
     assert (info["width"], info["height"]) == (pipe.cfg.data.size,) * 2
+
+
+def test_controlnets_of_the_family_match_the_reference(family, tmp_path):
+    """A ControlNet made from the family's U-Net (SD 2.x: linear projections; SDXL: the pooled text and size ids
+    reach it too), its zero convolutions filled, as diffusers' ControlNet pipeline of the family runs it."""
+    from PIL import Image
+
+    fam, ref, pipe, _ = family
+    torch.manual_seed(3)
+    cn = diffusers.ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=(16, 32))  # f = 2
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.normal_(0, 0.3)
+    cn.save_pretrained(tmp_path / "cn")
+    net = nanosd.load_controlnet(tmp_path / "cn", base=pipe)
+    g = torch.Generator().manual_seed(0)
+    control = Image.fromarray(((torch.rand(16, 16, generator=g) > 0.7).byte() * 255).numpy()).resize((64, 64)).convert("RGB")
+    cls = diffusers.StableDiffusionXLControlNetPipeline if fam == "sdxl" else diffusers.StableDiffusionControlNetPipeline
+    cp = cls(**{k: v for k, v in ref.components.items() if k not in ("image_encoder",)}, controlnet=cn)
+    kw = {"num_inference_steps": 4, "guidance_scale": 6.0, "height": 64, "width": 64, "output_type": "pt"}
+    cp.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    expected = cp(PROMPTS, negative_prompt=NEGATIVES, image=control, controlnet_conditioning_scale=0.8,
+                  control_guidance_end=0.75, generator=torch.Generator().manual_seed(7), **kw).images
+    ours = pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64, width=64,
+                         control=[nanosd.Control(net, control, 0.8, end=0.75)], output="tensor").images
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    plain = pipe.generate(PROMPTS, NEGATIVES, steps=4, sampler="euler", cfg_scale=6.0, seed=7, height=64, width=64,
+                          output="tensor").images
+    assert (ours - plain).abs().max() > 0.05
