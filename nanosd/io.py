@@ -31,7 +31,13 @@ def atomic_path(path):
     try:
         yield tmp
         os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():  # a folder written again: the old one moved aside, then dropped
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.is_dir():  # a folder written in one piece
             shutil.rmtree(tmp)

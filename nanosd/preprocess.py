@@ -40,7 +40,7 @@ def scribble(image, threshold=32):
     cv2 = _cv2()
     rgb = _rgb(image).astype(np.float32)
     dog = cv2.GaussianBlur(rgb, (0, 0), 5.0) - cv2.GaussianBlur(rgb, (0, 0), 0.5)
-    lines = (-dog.min(axis=2)) * 2 > threshold  # darker than its surroundings: a stroke
+    lines = dog.min(axis=2) * 2 > threshold  # darker than its blurred surroundings in every channel: a stroke
     return np.repeat(lines[..., None], 3, axis=2).astype(np.float32)
 
 

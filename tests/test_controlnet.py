@@ -226,9 +226,11 @@ def test_control_images_and_their_command(tmp_path, capsys):
     picture.paste((0, 0, 0), (16, 12, 48, 36))  # a black box on white
     edges = control_image(picture, "canny")
     assert edges.shape == (48, 64, 3) and set(edges.flatten().tolist()) == {0.0, 1.0}
-    assert edges[12, 16:48].mean() > 0.5 and edges[24, 30] == 0  # on the box's border, not inside it
-    scribble = control_image(picture, "scribble")
-    assert scribble[24, 30, 0] == 1 and scribble[2, 2, 0] == 0  # the dark box is a stroke, the paper is not
+    assert edges[10:14, 20:44].max(axis=0).mean() == 1 and edges[24, 30].max() == 0  # the border, not inside
+    drawing = Image.new("RGB", (64, 48), (255, 255, 255))
+    drawing.paste((0, 0, 0), (10, 20, 54, 22))  # a pen stroke on paper
+    scribble = control_image(drawing, "scribble")
+    assert scribble[20, 30, 0] == 1 and scribble[40, 30, 0] == 0  # the stroke is a line, the paper is not
     tile = control_image(picture, "tile", a=4)
     assert 0 < tile[12, 16, 0] < 1  # blurred across the border
     mask = Image.new("L", (64, 48))
