@@ -33,7 +33,7 @@ torch.manual_seed(1)
 net = copy_encoder(nanosd.ControlNet(pipe.cfg.unet), pipe.unet)
 for m in [*net.zero_convs, net.middle_block_out, net.input_hint_block[-1]]:  # zero convolutions made to act
     for w in m.parameters():
-        w.normal_(0, 0.02)
+        w.normal_(0, 0.1)
 single = nanosd.save_controlnet(net, work / "control_sd15_random.safetensors")
 nanosd.save_controlnet(net, work / "diffusers")  # its config.json is what from_single_file takes
 del net

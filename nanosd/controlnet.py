@@ -20,7 +20,7 @@ from torch import nn
 
 from .images import as_tensor
 from .io import load_into, read_checkpoint, save_tensors
-from .preprocess import KINDS, control_image, to_image
+from .preprocess import KINDS, control_image, control_images, to_image
 from .unet import Encoder, UNetConfig
 
 PREFIX = "control_model."
@@ -230,6 +230,33 @@ def copy_encoder(net: ControlNet, unet: nn.Module) -> ControlNet:
     net.load_state_dict({k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape},
                         strict=False)
     return net
+
+
+def open_run(run):
+    """(config, the base pipeline, the ControlNet) of a ControlNet run folder of `nanosd train`."""
+    from .config import load_config
+    from .pipeline import load
+    from .run import CONFIG
+
+    cfg = load_config(Path(run) / CONFIG)
+    if not cfg.controlnet:
+        raise ValueError(f"{run} is not a ControlNet run (no [controlnet] in its config)")
+    pipe = load(cfg.controlnet.base)
+    return cfg, pipe, load_controlnet(run, base=pipe)
+
+
+def held_out(cfg, n, prompted=True):
+    """n held-out images of a ControlNet recipe's data, spread through it (in [-1, 1]), their labels (or None),
+    their controls ((n, 3, H, W) in [0, 1], made as in training) and captions (or None)."""
+    from .data import load_dataset
+
+    held = load_dataset(cfg.data.name, cfg.data.size, split="test")
+    held = held if len(held) else load_dataset(cfg.data.name, cfg.data.size)
+    idx = held.spread_index(n)
+    c = cfg.controlnet
+    hints = (control_images(held.images[idx], c.kind, c.a, c.b).float() / 255).expand(-1, 3, -1, -1)
+    prompts = [held.captions[i][0] for i in idx.tolist()] if held.captions and prompted else None
+    return held.images[idx], held.labels[idx] if held.labels is not None else None, hints, prompts
 
 
 # --- files ---

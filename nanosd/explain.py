@@ -212,36 +212,24 @@ def concat_figure(out, run, n=8, seed=0):
 def control_figure(out, run, n=10, seed=0):
     """A ControlNet run on held-out images: the control made from each, the frozen model's sample for the image's
     caption with the ControlNet and without it (the same seed), the original."""
-    from .config import load_config
-    from .controlnet import Control, load_controlnet
-    from .data import load_dataset
-    from .pipeline import load
-    from .preprocess import control_images
-    from .run import CONFIG
+    from .controlnet import Control, held_out, open_run
 
     plt = _plt()
-    cfg = load_config(Path(run) / CONFIG)
-    if not cfg.controlnet:
-        raise ValueError(f"explain control needs a ControlNet run (a [controlnet] config), and {run} is not one")
-    pipe = load(cfg.controlnet.base)
-    net = load_controlnet(run, base=pipe)
-    held = load_dataset(cfg.data.name, cfg.data.size, split="test")
-    idx = held.spread_index(n)
-    c = cfg.controlnet
-    hints = (control_images(held.images[idx], c.kind, c.a, c.b).float() / 255).expand(-1, 3, -1, -1)
-    prompts = [held.captions[i][0] for i in idx.tolist()] if held.captions and pipe.prompted else None
-    kw = dict(batch_size=len(idx), seed=seed, output="tensor")
+    cfg, pipe, net = open_run(run)
+    images, _, hints, prompts = held_out(cfg, n, pipe.prompted)
+    kw = dict(batch_size=len(images), seed=seed, output="tensor")
     rows = [("control", hints), ("ControlNet", pipe.generate(prompts, control=[Control(net, hints)], **kw).images),
-            ("without", pipe.generate(prompts, **kw).images), ("original", (held.images[idx] + 1) / 2)]
-    fig, axes = plt.subplots(len(rows), len(idx), figsize=(1.2 * len(idx), 1.25 * len(rows) + 0.5), squeeze=False)
-    for r, (name, images) in enumerate(rows):
-        for col in range(len(idx)):
-            _show(axes[r, col], images[col] * 2 - 1)
+            ("without", pipe.generate(prompts, **kw).images), ("original", (images + 1) / 2)]
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(1.2 * len(images), 1.25 * len(rows) + 0.5),
+                             squeeze=False)
+    for r, (name, shown) in enumerate(rows):
+        for col in range(len(images)):
+            _show(axes[r, col], shown[col] * 2 - 1)
         axes[r, 0].set_ylabel(name, fontsize=9)
-    for col in range(len(idx)):
+    for col in range(len(images)):
         if prompts:
             axes[0, col].set_title(prompts[col], fontsize=6)
-    fig.suptitle(f"{c.kind} ControlNet on a frozen model, held-out images (prompt above, same seed per column)",
+    fig.suptitle(f"{cfg.controlnet.kind} ControlNet on a frozen model, held-out images (prompt above, same seed per column)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -54,36 +54,26 @@ def evaluate_control(run, n=200, seed=0, batch=50, out=None) -> dict:
     independent judge of the prompt."""
     from pathlib import Path
 
-    from .config import load_config
-    from .controlnet import Control, load_controlnet
+    from .controlnet import Control, held_out, open_run
     from .images import save_png, to_pil
     from .preprocess import control_images
-    from .run import CONFIG
 
-    cfg = load_config(Path(run) / CONFIG)
-    if not cfg.controlnet:
-        raise ValueError(f"{run} is not a ControlNet run (no [controlnet] in its config)")
-    pipe = load(cfg.controlnet.base)
-    net = load_controlnet(run, base=pipe)
-    held = load_dataset(cfg.data.name, cfg.data.size, split="test")
-    idx = held.spread_index(n)
-    x = held.images[idx]
+    cfg, pipe, net = open_run(run)
+    x, labels, hints, prompts = held_out(cfg, n, pipe.prompted)
     c = cfg.controlnet
-    hints = control_images(x, c.kind, c.a, c.b).float() / 255
-    prompts = [held.captions[i][0] for i in idx.tolist()] if held.captions and pipe.prompted else None
     sums = {"control": 0.0, "plain": 0.0}
     for i in range(0, len(x), batch):
-        hb = hints[i:i + batch]
+        hb = hints[i:i + batch, :1]
         kw = dict(batch_size=len(hb), seed=seed + i, output="tensor")
         if prompts:
             kw["prompt"] = prompts[i:i + batch]
-        for name, control in (("control", [Control(net, hb.expand(-1, 3, -1, -1))]), ("plain", [])):
+        for name, control in (("control", [Control(net, hints[i:i + batch])]), ("plain", [])):
             y = pipe.generate(control=control, **kw).images
-            e = control_images(y * 2 - 1, c.kind, c.a, c.b).float() / 255
+            e = control_images(y * 2 - 1, c.kind, c.a, c.b)[:, :1].float() / 255
             tp = (e * hb).sum((1, 2, 3))
             sums[name] += float((2 * tp / (e.sum((1, 2, 3)) + hb.sum((1, 2, 3))).clamp(min=1)).sum())
             if out is not None:
                 for j, im in enumerate(y):
-                    label = int(held.labels[idx[i + j]]) if held.labels is not None else 0
+                    label = int(labels[i + j]) if labels is not None else 0
                     save_png(to_pil(im), Path(out) / name / str(label) / f"{i + j:05d}.png")
     return {f"edge_f1_{k}": v / len(x) for k, v in sums.items()}

@@ -232,26 +232,21 @@ def train_on_base(cfg: Config, run_dir: Path, base):
 def control_rows(cfg: Config, run_dir: Path, ae):
     """A ControlNet run's grid: rows of control, sample (the EMA ControlNet steering the frozen model), original,
     for held-out images with their own captions."""
-    from .controlnet import Control
+    from .controlnet import Control, held_out
     from .pipeline import Pipeline
 
-    held = load_dataset(cfg.data.name, cfg.data.size, split="test")
-    held = held if len(held) else load_dataset(cfg.data.name, cfg.data.size)
-    idx = held.spread_index(8)
-    c = cfg.controlnet
-    hints = (control_images(held.images[idx], c.kind, c.a, c.b).float() / 255).expand(-1, 3, -1, -1)
-    prompts = [held.captions[i][0] for i in idx.tolist()] if held.captions else None
+    images, _, hints, prompts = held_out(cfg, 8)
 
     def evaluate(step, ema):
         controlled = ema.unet if isinstance(ema, ConditionedUNet) else ema
         conditioner = ema.conditioner if isinstance(ema, ConditionedUNet) else None
         pipe = Pipeline(controlled.base, Schedule.of(cfg.diffusion), cfg, ae, conditioner)
-        made = pipe.generate(prompts, batch_size=len(idx), seed=0, output="tensor",
+        made = pipe.generate(prompts if conditioner is not None and conditioner.prompted else None,
+                             batch_size=len(images), seed=0, output="tensor",
                              control=[Control(controlled.controlnet, hints)]).images
-        gray = (lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
-        rows = torch.cat([hints.cpu(), gray(made), gray((held.images[idx] + 1) / 2)])
-        save_grid(rows, run_dir / run.GRIDS / f"step_{step:07d}.png", nrow=len(idx))
-        save_grid(rows, run_dir / run.GRID, nrow=len(idx))
+        rows = torch.cat([hints, *(x.expand(-1, 3, -1, -1) for x in (made, (images + 1) / 2))])
+        save_grid(rows, run_dir / run.GRIDS / f"step_{step:07d}.png", nrow=len(images))
+        save_grid(rows, run_dir / run.GRID, nrow=len(images))
     return evaluate
 
 
