@@ -269,13 +269,14 @@ def test_controlnet_units_as_a1111s_extension_takes_them(model, tmp_path):
         unit = webuiapi.ControlNetUnit(image=edges, module="canny", model=names[0], weight=0.9, control_mode=1,
                                        guidance_end=0.8, pixel_perfect=True)
         controlled = api.txt2img(controlnet_units=[unit], **kw)
-        a, b = (torch.tensor(list(r.image.convert("L").getdata()), dtype=torch.float) for r in (plain, controlled))
+        a, b = (torch.frombuffer(bytearray(r.image.convert("L").tobytes()), dtype=torch.uint8).float()
+                for r in (plain, controlled))
         assert (a - b).abs().max() > 10
         info = controlled.info["infotexts"][0]
         assert 'ControlNet 0: "Module: canny, Model: control_tiny [' in info and "Weight: 0.9" in info
         assert "Control Mode: My prompt is more important" in info and "Guidance End: 0.8" in info
         off = webuiapi.ControlNetUnit(image=edges, model=names[0], enabled=False)
-        assert list(api.txt2img(controlnet_units=[off], **kw).image.getdata()) == list(plain.image.getdata())
+        assert api.txt2img(controlnet_units=[off], **kw).image.tobytes() == plain.image.tobytes()
         bad_units = [({"model": "nope"}, "no ControlNet 'nope'"), ({"control_mode": 7}, "control_mode 7"),
                      ({"module": "depth_midas"}, "module 'depth_midas'"), ({"strength": 2}, "strength"),
                      ({"guidance_start": 0.9, "guidance_end": 0.1}, "start 0.9 and end 0.1")]
