@@ -15,6 +15,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out):
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _show(ax, image, title=None):
     """image (C, H, W) in [-1, 1]."""
     im = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
@@ -49,10 +56,7 @@ def forward_figure(out, image=None, ts=(0, 50, 100, 250, 500, 750, 999), seed=0)
     ab_ax.set(title="ᾱ_t", xlabel="t"), snr_ax.set(title="log10 SNR = log10 ᾱ/(1−ᾱ)", xlabel="t")
     ab_ax.legend(fontsize=8), snr_ax.legend(fontsize=8)
     fig.suptitle("Forward process: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def reverse_figure(out, run, prompt=None, n_show=8, seed=0):
@@ -75,10 +79,7 @@ def reverse_figure(out, run, prompt=None, n_show=8, seed=0):
     axes[0, 0].set_ylabel("D(z_t)" if pipe.autoencoder else "x_t", fontsize=9)
     axes[1, 0].set_ylabel("predicted D(z_0)" if pipe.autoencoder else "predicted x_0", fontsize=9)
     fig.suptitle(f"Reverse process: {pipe.cfg.sample.sampler}, {len(frames)} steps, seed {seed}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 @torch.no_grad()
@@ -108,10 +109,7 @@ def latent_figure(out, run, n=6):
     f = pipe.autoencoder.cfg.factor
     fig.suptitle(f"{x.shape[-1]} px images, {c}x{z.shape[-1]}x{z.shape[-1]} latents (f={f}), reconstructions",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def attention_maps(pipe, prompt, seed=0):
@@ -178,10 +176,7 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
                     color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
     fig.suptitle(f"cross-attention of '{prompt}': each token's map on its own scale, its share of the "
                  "prompt's attention in the corner", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def concat_figure(out, run, n=8, seed=0):
@@ -203,10 +198,7 @@ def concat_figure(out, run, n=8, seed=0):
             _show(axes[r, c], rows[r * len(pixels) + c] * 2 - 1)
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(f"{kind}: condition, sample, original (held-out images)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def control_figure(out, run, n=10, seed=0):
@@ -229,12 +221,9 @@ def control_figure(out, run, n=10, seed=0):
     for col in range(len(images)):
         if prompts:
             axes[0, col].set_title(prompts[col], fontsize=6)
-    fig.suptitle(f"{cfg.controlnet.kind} ControlNet on a frozen model, held-out images (prompt above, same seed per column)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    fig.suptitle(f"{cfg.controlnet.kind} ControlNet on a frozen model, held-out images (prompt above, the same seed "
+                 "per column)", fontsize=10)
+    return _save(plt, fig, out)
 
 
 def size_figure(out, run, seed=5, sides=(None, 0.5)):
@@ -256,10 +245,7 @@ def size_figure(out, run, seed=5, sides=(None, 0.5)):
             _show(axes[r, c], images[c] * 2 - 1)
         axes[r, 0].set_ylabel(f"original {original[1]}x{original[0]}" if original else "true size", fontsize=9)
     fig.suptitle("the same prompts and seeds, told the original was this size", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def run(what, run_dir=None, out=None, prompt=None):
