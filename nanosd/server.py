@@ -170,9 +170,10 @@ class Server:
         other = [k for k in scripts if k.lower() != "controlnet"]
         if other:
             raise Refused(f"alwayson_scripts {', '.join(other)}: nanosd runs only the ControlNet script")
-        args = next(iter(scripts.values()), {}).get("args", []) if scripts else []
+        script = next(iter(scripts.values()), {})
+        args = script.get("args", []) if isinstance(script, dict) else None
         if not isinstance(args, list):
-            raise Refused("alwayson_scripts.controlnet.args must be a list of units")
+            raise Refused("alwayson_scripts.controlnet must be {\"args\": [units]}")
         units = []
         for i, raw in enumerate(args):
             try:
@@ -184,7 +185,7 @@ class Server:
             if not u.enabled:
                 continue
             where = f"ControlNet unit {i}"
-            image = u.image["image"] if isinstance(u.image, dict) else u.image or u.input_image
+            image = u.image.get("image") if isinstance(u.image, dict) else u.image or u.input_image
             mask = (u.image.get("mask") if isinstance(u.image, dict) else None) or u.mask or u.mask_image
             if not image:
                 raise Refused(f"{where}: give its image (base64)")
@@ -227,10 +228,9 @@ class Server:
         return self.controlnets[stem]
 
     def controlnet_files(self):
-        exts = (".safetensors", ".pth", ".ckpt")
-        files = [f for d in self.controlnet_dirs for f in sorted(Path(d).iterdir())
-                 if f.suffix in exts or (f / "config.json").is_file()]
-        return files
+        """The ControlNets of --controlnet-dir: files in the original layout and diffusers folders."""
+        return [f for d in self.controlnet_dirs for f in sorted(Path(d).iterdir())
+                if f.suffix in (".safetensors", ".pth", ".ckpt") or (f / "config.json").is_file()]
 
     def decode_image(self, data: str, what: str) -> Image.Image:
         if "," in data[:100] and data.startswith("data:"):  # a data URL, as browsers and A1111 clients send

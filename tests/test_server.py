@@ -286,5 +286,8 @@ def test_controlnet_units_as_a1111s_extension_takes_them(model, tmp_path):
             assert status == 400 and message in out["detail"], (change, out)
         status, out = call(url, "/sdapi/v1/txt2img", {**kw, "alwayson_scripts": {"adetailer": {"args": []}}})
         assert status == 400 and "adetailer" in out["detail"]
+        for script in ([], {"args": 3}, {"args": [{"image": {"mask": "x"}, "model": names[0]}]}):
+            status, out = call(url, "/sdapi/v1/txt2img", {**kw, "alwayson_scripts": {"controlnet": script}})
+            assert status == 400, (script, out)
     finally:
         server.should_exit = True
