@@ -69,12 +69,16 @@ class ControlNet(Encoder):
         return [o * s for o, s in zip(outs, scales)]
 
     def check(self, unet_cfg: UNetConfig, what="this model"):
-        """One line if this ControlNet was made for another U-Net (another family or size)."""
-        differ = [k for k in SHAPE if getattr(self.cfg, k) != getattr(unet_cfg, k)]
-        if differ:
-            mine, theirs = (", ".join(f"{k}={getattr(c, k)}" for k in differ) for c in (self.cfg, unet_cfg))
-            raise ValueError(f"ControlNet {self.name or ''} was made for another U-Net ({mine}) than {what}'s "
-                             f"({theirs}): use a ControlNet of the model's family and size")
+        same_shape(self.cfg, unet_cfg, self.name, what)
+
+
+def same_shape(cfg: UNetConfig, unet_cfg: UNetConfig, name="", what="this model"):
+    """One line if a ControlNet of `cfg` was made for another U-Net (another family or size) than `unet_cfg`."""
+    differ = [k for k in SHAPE if getattr(cfg, k) != getattr(unet_cfg, k)]
+    if differ:
+        mine, theirs = (", ".join(f"{k}={getattr(c, k)}" for k in differ) for c in (cfg, unet_cfg))
+        raise ValueError(f"ControlNet {name} was made for another U-Net ({mine}) than {what}'s ({theirs}): use a "
+                         "ControlNet of the model's family and size")
 
 
 def _zero(conv):
@@ -318,23 +322,25 @@ def _original(path: Path, base, dtype):
         what = "a diffusers ControlNet's weights (give its folder, with config.json)" \
             if "controlnet_cond_embedding.conv_in.weight" in tensors else "not a ControlNet"
         raise ValueError(f"{path} has no hint encoder (input_hint_block.*): {what}")
-    if diff:  # the tensors it shares with the U-Net are differences to the base's
-        if base is None:
-            raise ValueError(f"{path} is a difference ControlNet: load it with the model it was made from "
-                             "(nanosd.load_controlnet(path, base=pipe); the CLI does this)")
-        unet = base.unet.state_dict()
-        tensors = {k: v + unet[k].to(v.dtype) if k in unet else v for k, v in tensors.items()}
+    if diff and base is None:
+        raise ValueError(f"{path} is a difference ControlNet: load it with the model it was made from "
+                         "(nanosd.load_controlnet(path, base=pipe); the CLI does this)")
     hint = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("input_hint_block.") and k.endswith("weight"))
     widths = tuple(tensors[f"input_hint_block.{i}.weight"].shape[0] for i in hint[:-1:2])
     if "nanosd_unet" in meta:  # trained here: the heads are not in the shapes
         cfg = UNetConfig(**json.loads(meta["nanosd_unet"]))
-    elif base is not None:
-        cfg = base.cfg.unet
     else:
         linear = any(k.endswith("proj_in.weight") and v.ndim == 2 for k, v in tensors.items())
-        family = sd.SDXL if "label_emb.0.0.weight" in tensors else sd.SD2 if linear else sd.SD1
-        cfg = sd.infer_unet(tensors, family)
-    return tensors, dataclasses.replace(cfg, cond_channels=0), widths
+        cfg = sd.infer_unet(tensors, sd.SDXL if "label_emb.0.0.weight" in tensors else sd.SD2 if linear else sd.SD1)
+    cfg = dataclasses.replace(cfg, cond_channels=0)
+    if base is not None:
+        same_shape(cfg, base.cfg.unet, path.stem, "the model")
+        if "nanosd_unet" not in meta:  # the base's heads, which shapes do not tell
+            cfg = dataclasses.replace(base.cfg.unet, cond_channels=0)
+    if diff:  # the tensors it shares with the U-Net are differences to the base's
+        unet = base.unet.state_dict()
+        tensors = {k: v + unet[k].to(v.dtype) if k in unet else v for k, v in tensors.items()}
+    return tensors, cfg, widths
 
 
 def _metadata(path: Path) -> dict:

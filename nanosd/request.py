@@ -134,7 +134,9 @@ class Request:
                 raise ValueError("this model was trained without text or labels: generate without a prompt")
             return None, None
         prompt = self.prompt
-        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        if self.control and (prompt is None or (isinstance(prompt, str) and not prompt.strip())):
+            prompt = ""  # a ControlNet may draw from its control alone (guess mode): the empty prompt
+        elif prompt is None or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError("this model is conditioned: give a non-empty prompt"
                              + (f" (one of: {', '.join(c.classes)})" if c.classes else ""))
         prompts = [prompt] * self.batch_size if isinstance(prompt, str) else list(prompt)

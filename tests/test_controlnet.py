@@ -100,6 +100,12 @@ def test_guess_mode_scale_zero_and_the_infotext(setup):
     torch.testing.assert_close(got.images, expected, atol=1e-4, rtol=0)
     assert 'ControlNet 0: "Module: none, Model: cn1, Weight: 1, ' in got.request.infotext()
     assert "Control Mode: ControlNet is more important" in got.request.infotext()
+    # guess mode with no prompt at all: the control alone (diffusers: the empty prompt)
+    expected = reference(ref, theirs[:1], [image], [1.0], [0.0], [1.0], prompt="", guess_mode=True)
+    alone = pipe.generate(control=[nanosd.Control(ours[0], image, mode="control")], **KW)
+    torch.testing.assert_close(alone.images, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="give a non-empty prompt"):
+        pipe.generate(**KW)  # without a control, a prompt is still asked for
     off = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(ours[0], image, scale=0.0)], **KW).images
     torch.testing.assert_close(off, pipe.generate(PROMPTS, NEGATIVES, **KW).images, atol=0, rtol=0)
     prompt = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(ours[0], image, mode="prompt")], **KW).images
@@ -171,6 +177,11 @@ def test_bad_controls_get_one_line_errors(setup, tmp_path):
     other = nanosd.ControlNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=[1, 2], context_dim=64, attention_levels=[1],
                                          norm_groups=2))
     refused("made for another U-Net .*context_dim=64", net=other)
+    nanosd.save_controlnet(other, tmp_path / "other.safetensors")
+    torch.save({"control_model." + k: v for k, v in other.state_dict().items()}, tmp_path / "other.pth")
+    for name in ("other.safetensors", "other.pth"):  # with and without the config in the file
+        with pytest.raises(ValueError, match="ControlNet other was made for another U-Net .*context_dim=64"):
+            nanosd.load_controlnet(tmp_path / name, base=pipe)
     save_tensors({"control_model.zero_convs.0.0.weight": torch.zeros(1)}, tmp_path / "nohint.safetensors")
     with pytest.raises(ValueError, match="no hint encoder"):
         nanosd.load_controlnet(tmp_path / "nohint.safetensors")
