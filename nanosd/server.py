@@ -47,6 +47,7 @@ class Txt2Img(BaseModel):
     negative_prompt: str = Field("", max_length=20_000)
     steps: int = 20
     sampler_name: str | None = None
+    scheduler: str | None = None  # A1111 1.9+'s schedule type: "Automatic", or "Karras" where nanosd has it
     cfg_scale: float = 7.0
     seed: int = -1
     width: int | None = None
@@ -145,7 +146,8 @@ class Server:
             raise Refused(f"batch_size x n_iter must be from 1 to {lim.max_batch}")
         if not 1 <= r.clip_skip <= 4:
             raise Refused(f"clip_skip {r.clip_skip} must be from 1 to 4")
-        request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps, sampler=r.sampler_name,
+        request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps,
+                          sampler=self.scheduled(r.sampler_name, r.scheduler),
                           cfg_scale=r.cfg_scale, seed=r.seed if r.seed >= 0 else None, height=h, width=w,
                           batch_size=r.batch_size, eta=r.eta, clip_skip=r.clip_skip, output="tensor",
                           control=self.controls(r.alwayson_scripts))
@@ -159,6 +161,19 @@ class Server:
             return request.resolve(self.pipe)
         except ValueError as e:
             raise Refused(str(e)) from None
+
+    def scheduled(self, name, schedule):
+        """A1111 1.9+ sends the schedule apart from the sampler ("DPM++ 2M" + "Karras"): the sampler nanosd has for
+        the pair, or a 400 naming the schedule (never the plain schedule in its place)."""
+        if schedule is None or schedule.lower() in ("", "automatic"):  # webuiapi sends "automatic"
+            return name
+        base = sampler(name or self.pipe.cfg.sample.sampler).a1111
+        try:
+            return sampler(f"{base.removesuffix(' Karras')} {schedule}").a1111
+        except ValueError:
+            have = [s.a1111 for s in SAMPLERS.values() if s.karras]
+            raise Refused(f"scheduler {schedule!r} with sampler {base!r}: nanosd has it only as "
+                          f"{', '.join(have)} (or scheduler \"Automatic\")") from None
 
     def controls(self, scripts: dict) -> list:
         """ControlNet units (A1111's extension's request shape) as Controls; any other script is refused."""

@@ -98,6 +98,14 @@ def test_a1111_requests(served):
                                                       "denoising_strength": 0.5, "steps": 4, "seed": 1, **extra})
         assert status == 200 and len(out["images"]) == 1, out
         assert "Denoising strength: 0.5" in json.loads(out["info"])["infotexts"][0]
+    # A1111 1.9+'s schedule field: the Karras variant where nanosd has it, never silently the plain schedule
+    body = {"prompt": "a cat", "steps": 3, "seed": 2, "width": 8, "height": 8, "sampler_name": "DPM++ 2M"}
+    status, out = call(url, "/sdapi/v1/txt2img", {**body, "scheduler": "Karras"})
+    assert status == 200 and "Sampler: DPM++ 2M Karras" in json.loads(out["info"])["infotexts"][0]
+    assert call(url, "/sdapi/v1/txt2img", {**body, "scheduler": "Automatic"})[1]["images"] != out["images"]
+    for sampler_name, schedule in (("DPM++ 2M", "Exponential"), ("Euler", "Karras")):
+        status, out = call(url, "/sdapi/v1/txt2img", {**body, "sampler_name": sampler_name, "scheduler": schedule})
+        assert status == 400 and f"scheduler '{schedule}'" in out["detail"], out
     status, samplers = call(url, "/sdapi/v1/samplers")
     assert {"DPM++ 2M Karras", "Euler a", "UniPC"} <= {s["name"] for s in samplers}
     assert call(url, "/sdapi/v1/progress")[1]["state"]["job_count"] == 0
