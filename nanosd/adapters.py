@@ -14,6 +14,7 @@ Textual inversion: new token vectors (A1111's `.pt` `string_to_param` and `.safe
 learned_embeds, SDXL's `clip_l` + `clip_g`), appended to each text encoder's token embedding and used where the
 prompt names them.
 """
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 from .formats import diffusers
 from .io import read_checkpoint
+from .unet import OnFrozen
 
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
             ".dora_scale": "dora_scale",
@@ -238,7 +240,13 @@ def restore(pipe):
 
 def short_hash(path) -> str:
     """A1111's LoRA hash: SHA-256 of a .safetensors file's tensor data (after its header: the "addnet" hash, blind
-    to metadata edits) or of the whole file otherwise; its first 12 hex digits."""
+    to metadata edits) or of the whole file otherwise; its first 12 hex digits. Read once per file version."""
+    st = Path(path).stat()
+    return _short_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _short_hash(path, size, mtime_ns) -> str:
     import hashlib
 
     h = hashlib.sha256()
@@ -322,18 +330,17 @@ def read_embedding(path, pipe) -> dict:
     return out
 
 
-class LoraUNet(nn.Module):
+class LoraUNet(OnFrozen):
     """A frozen U-Net with trainable LoRA deltas on its Linear and Conv2d modules whose names contain one of
     `targets` (down: small random, up: zero, so training starts from the base model). Only the deltas are
-    parameters: the trainer's optimizer, EMA and checkpoints hold them alone. Calling it runs the base U-Net with
-    this instance's deltas added by hooks (the EMA copy shares the hooks, not the deltas)."""
+    parameters. Calling it runs the base U-Net with this instance's deltas added by hooks (the EMA copy shares the
+    U-Net and its hooks, not the deltas)."""
     active = None  # the LoraUNet being called
 
     def __init__(self, base: nn.Module, rank=8, alpha=8.0, targets=("attn", "ff", "proj_", "in_layers", "out_layers"),
                  names: dict | None = None):
-        super().__init__()
-        object.__setattr__(self, "base", base.requires_grad_(False))  # not a submodule: not trained, not saved
-        self.cfg, self.rank, self.alpha = base.cfg, rank, alpha
+        super().__init__(base)
+        self.rank, self.alpha = rank, alpha
         self.names = names or {}  # our module names -> the names the kohya file gives them (diffusers' for SD 1.x)
         self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
         g = torch.Generator().manual_seed(0)
@@ -350,10 +357,6 @@ class LoraUNet(nn.Module):
             m.register_forward_hook(lambda mod, inputs, out, key=key: LoraUNet._add(mod, key, inputs[0], out))
         if not self.down:
             raise ValueError(f"lora.targets {list(targets)} name no Linear or Conv2d module of the U-Net")
-
-    def _apply(self, fn, *args, **kw):  # .to(device) moves the frozen base along
-        self.base._apply(fn, *args, **kw)
-        return super()._apply(fn, *args, **kw)
 
     @staticmethod
     def _add(module, key, x, out):

@@ -7,7 +7,6 @@ control image down to the latent resolution) and the zero convolutions: the orig
 (`input_hint_block`, `zero_convs.N.0`, `middle_block_out.0`), so its files load without a table. Files: the
 original single file (`control_model.*` or bare keys, .safetensors or .pth through the weights-only unpickler), the
 "diff" files (differences to the base U-Net, kohya's `difference` key) and diffusers' `ControlNetModel` folders."""
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import nn
 from .images import as_tensor
 from .io import load_into, read_checkpoint, save_tensors
 from .preprocess import KINDS, control_image, control_images, to_image
-from .unet import Encoder, UNetConfig
+from .unet import Encoder, OnFrozen, UNetConfig
 
 PREFIX = "control_model."
 RUN_FILE = "controlnet.safetensors"  # what a ControlNet run leaves (original layout), beside controlnet/ (diffusers)
@@ -203,25 +202,13 @@ def residuals(controls, hints, x, t, cond, step, total, guided):
     return out
 
 
-class ControlledUNet(nn.Module):
-    """A frozen U-Net steered by a trainable ControlNet: what `nanosd train` trains. The U-Net is not a submodule
-    (not trained, not saved, shared by the trainer's EMA copy); the batch's `hint` goes to the ControlNet."""
+class ControlledUNet(OnFrozen):
+    """A frozen U-Net steered by a trainable ControlNet: what `nanosd train` trains (the batch's `hint` goes to
+    the ControlNet)."""
 
     def __init__(self, base: nn.Module, controlnet: ControlNet):
-        super().__init__()
-        object.__setattr__(self, "base", base.requires_grad_(False))
-        self.controlnet, self.cfg = controlnet, base.cfg
-
-    def _apply(self, fn, *args, **kw):  # .to(device) moves the frozen U-Net along
-        self.base._apply(fn, *args, **kw)
-        return super()._apply(fn, *args, **kw)
-
-    def __deepcopy__(self, memo):
-        memo[id(self.base)] = self.base  # the EMA copy shares the frozen U-Net
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
+        super().__init__(base)
+        self.controlnet = controlnet
 
     def forward(self, x, t, context=None, y=None, concat=None, context_mask=None, hint=None):
         control = self.controlnet(x, t, hint, context=context, y=y, context_mask=context_mask)
@@ -282,15 +269,9 @@ def load_controlnet(path, base=None, dtype=torch.float32) -> ControlNet:
             raise ValueError(f"{path} pools its condition globally (the shuffle ControlNet): not supported")
         cfg = diffusers.unet_config(conf, controlnet=True)
         widths = tuple(conf.get("conditioning_embedding_out_channels", HINT))
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        if not files:
-            raise FileNotFoundError(f"ControlNet folder {path} has no weights")
         with torch.device("meta"):
             net = ControlNet(cfg, widths, conf.get("conditioning_channels", 3))
-        back = {theirs: ours for ours, theirs in diffusers.names("controlnet", net).items()}
-        tensors = {back.get(k, k): v for f in files for k, v in read_checkpoint(f, dtype).items()}
-        tensors = {k: v.reshape(net.state_dict()[k].shape) if k in back.values() and v.ndim == 2 and
-                   net.state_dict()[k].ndim == 4 else v for k, v in tensors.items()}  # linear <-> 1x1 conv
+        tensors = diffusers.read_named(path, "controlnet", net, dtype)
     elif path.is_file():
         tensors, cfg, widths = _original(path, base, dtype)
         with torch.device("meta"):

@@ -5,6 +5,7 @@ Attribute paths follow the original checkpoints (`time_embed.0`, `label_emb.0.0`
 The families differ only in numbers: SD 2.x and SDXL project to tokens with linear layers and use 64-channel heads;
 SDXL stacks more transformer blocks per level and adds a vector (pooled text + size ids) to the time embedding.
 """
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -301,3 +302,25 @@ class UNet(Encoder):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
+
+
+class OnFrozen(nn.Module):
+    """Something trainable on a frozen U-Net (a LoRA's deltas, a ControlNet): the U-Net is not a submodule, so
+    the trainer's optimizer, EMA and checkpoints hold the new part alone; `.to()` moves the U-Net along, and the
+    EMA copy shares it instead of copying it."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "base", base.requires_grad_(False))
+        self.cfg = base.cfg
+
+    def _apply(self, fn, *args, **kw):
+        self.base._apply(fn, *args, **kw)
+        return super()._apply(fn, *args, **kw)
+
+    def __deepcopy__(self, memo):
+        memo[id(self.base)] = self.base
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new

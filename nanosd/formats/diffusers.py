@@ -188,29 +188,35 @@ def _dropped(family, part) -> int:
     return reading.get("skip", 0) if reading.get("final_norm", True) else 0
 
 
+def read_weights(folder: Path, dtype=None) -> dict:
+    """A diffusers model folder's tensors under diffusers' names (fp16 variants and shards alike)."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"diffusers folder {folder.parent} has no weights in {folder.name}/")
+    out = {}
+    for f in files:
+        out.update(read_checkpoint(f, dtype))
+    return out
+
+
+def read_named(folder: Path, kind: str, model, dtype=None) -> dict:
+    """A diffusers model folder's tensors under our names, for `model` of `kind` (see names)."""
+    back = {theirs: ours for ours, theirs in names(kind, model).items()}
+    return {back.get(k, k): w for k, w in read_weights(folder, dtype).items()}
+
+
 def read(folder: Path, archs, dtype=None, family: sd.Family = sd.SD1) -> dict:
     """A diffusers folder's weights (fp16 variants and shards alike), by part, under our names."""
     from ..autoencoder import Autoencoder
     from ..unet import UNet
 
-    def weights(sub):
-        files = sorted((folder / sub).glob("*.safetensors")) or sorted((folder / sub).glob("*.bin"))
-        if not files:
-            raise FileNotFoundError(f"diffusers folder {folder} has no weights in {sub}/")
-        out = {}
-        for f in files:
-            out.update(read_checkpoint(f, dtype))
-        return out
-
     unet_cfg, vae_cfg, *texts = archs
-    parts = {"unet": weights("unet"), "vae": weights("vae")}
     with torch.device("meta"):
         models = {"unet": UNet(unet_cfg), "vae": Autoencoder(vae_cfg)}
-    for name, model in models.items():
-        back = {theirs: ours for ours, theirs in names(name, model).items()}
-        parts[name] = {back.get(k, k): w for k, w in parts[name].items()}
+    parts = {name: read_named(folder / name, name, model, dtype) for name, model in models.items()}
     for (part, sub), cfg in zip(text_folders(family).items(), texts):
-        t = {k.removeprefix("text_model."): w for k, w in weights(sub).items() if not k.endswith("position_ids")}
+        t = {k.removeprefix("text_model."): w for k, w in read_weights(folder / sub, dtype).items()
+             if not k.endswith("position_ids")}
         if part != family.pooled:
             t.pop("text_projection.weight", None)
         for i in range(cfg.layers - _dropped(family, part), cfg.layers):  # the dropped top layers, as zeros
