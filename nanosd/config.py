@@ -120,6 +120,8 @@ class Config:
     controlnet: ControlNetConfig | None = None  # present: train a ControlNet on controlnet.base instead
 
     def validate(self):
+        if self.lora and self.controlnet:
+            raise ValueError("a recipe trains a LoRA ([lora]) or a ControlNet ([controlnet]), not both: keep one")
         self.unet.validate()
         self.diffusion.validate()
         self.train.validate()

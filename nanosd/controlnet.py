@@ -19,7 +19,8 @@ from torch import nn
 
 from .images import as_tensor
 from .io import load_into, read_checkpoint, save_tensors
-from .preprocess import KINDS, control_image, control_images, to_image
+from . import preprocess
+from .preprocess import control_image, control_images, to_image
 from .unet import Encoder, OnFrozen, UNetConfig
 
 PREFIX = "control_model."
@@ -114,12 +115,14 @@ class Control:
                              "of the steps)")
         if self.mode not in MODES:
             raise ValueError(f"control mode {self.mode!r}: one of {', '.join(MODES)}")
-        if self.module not in KINDS:
-            raise ValueError(f"control module {self.module!r}: one of {', '.join(KINDS)}")
+        preprocess.check(self.module, self.mask, self.a, self.b)
         if self.resize not in RESIZE:
             raise ValueError(f"control resize {self.resize!r}: one of {', '.join(RESIZE)}")
         if self.processor_res is not None and not 64 <= self.processor_res <= 2048:
             raise ValueError(f"control processor_res {self.processor_res}: from 64 to 2048")
+        if self.processor_res is not None and self.module in ("none", "inpaint"):
+            raise ValueError(f"processor_res sets the resolution a module detects at, and the {self.module} module "
+                             "detects nothing: give none")
         if self.image is None:
             raise ValueError("a control needs its image (--control-image)")
 
@@ -267,6 +270,8 @@ def load_controlnet(path, base=None, dtype=torch.float32) -> ControlNet:
         conf = json.loads((path / "config.json").read_text())
         if conf.get("global_pool_conditions"):
             raise ValueError(f"{path} pools its condition globally (the shuffle ControlNet): not supported")
+        if conf.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
+            raise ValueError(f"{path} reads its control image as BGR: nanosd's ControlNets read RGB; not supported")
         cfg = diffusers.unet_config(conf, controlnet=True)
         widths = tuple(conf.get("conditioning_embedding_out_channels", HINT))
         with torch.device("meta"):

@@ -8,13 +8,13 @@ from tqdm import tqdm
 
 from . import adapters
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
-from .config import Config
+from .config import Config, load_config
 from .controlnet import residuals
 from .formats import diffusers, sd
 from .images import as_tensor, to_pil
 from .io import load_into, read_checkpoint, save_tensors
 from .request import Generation, Request
-from .run import LORA, is_run, load_run, lora_run
+from .run import CONFIG, LORA, is_run, load_run
 from .samplers import after_step
 from .schedule import Schedule
 from .unet import UNet
@@ -399,7 +399,11 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
     if is_run(path):
         if vae is not None or family is not None or prediction is not None:
             raise ValueError("vae=, family= and prediction= apply to Stable Diffusion checkpoints, not to run folders")
-        if (lora := lora_run(path)) is not None:  # a LoRA (or textual-inversion) run: its base, patched
+        run = load_config(path / CONFIG)
+        if run.controlnet:  # it steers a model with an image: there is no model to load without one
+            raise ValueError(f"{path} is a ControlNet run: generate with its base and the run as the ControlNet "
+                             f"(nanosd generate {run.controlnet.base} PROMPT --controlnet {path} --control-image IMG)")
+        if (lora := run.lora) is not None:  # a LoRA (or textual-inversion) run: its base, patched
             pipe = load(lora.base, precision, compile)
             if lora.embedding:
                 pipe.load_embedding(path / f"{lora.embedding}.safetensors")

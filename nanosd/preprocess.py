@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 KINDS = ("canny", "scribble", "inpaint", "tile", "none")
+DEFAULTS = {"canny": (100, 200), "scribble": (32,), "tile": (2.0,), "inpaint": (), "none": ()}  # a, b per kind
 A1111_MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble", "inpaint_only": "inpaint",
                  "inpaint": "inpaint", "tile_resample": "tile", "scribble": "scribble", "tile": "tile"}
 
@@ -29,14 +30,14 @@ def _rgb(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def canny(image, low=100, high=200):
+def canny(image, low=DEFAULTS["canny"][0], high=DEFAULTS["canny"][1]):
     if not 0 <= low <= high:
         raise ValueError(f"canny thresholds low {low} and high {high}: need 0 <= low <= high (A1111: 100, 200)")
     edges = _cv2().Canny(_rgb(image), low, high)
     return np.repeat(edges[..., None], 3, axis=2).astype(np.float32) / 255
 
 
-def scribble(image, threshold=32):
+def scribble(image, threshold=DEFAULTS["scribble"][0]):
     cv2 = _cv2()
     rgb = _rgb(image).astype(np.float32)
     dog = cv2.GaussianBlur(rgb, (0, 0), 5.0) - cv2.GaussianBlur(rgb, (0, 0), 0.5)
@@ -54,7 +55,7 @@ def inpaint(image, mask):
     return rgb
 
 
-def tile(image, down=2.0):
+def tile(image, down=DEFAULTS["tile"][0]):
     if down < 1:
         raise ValueError(f"tile downscale {down}: give 1 or more (1: the picture as it is)")
     cv2, rgb = _cv2(), _rgb(image)
@@ -63,20 +64,29 @@ def tile(image, down=2.0):
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255
 
 
-def control_image(image, kind="canny", mask=None, a=None, b=None) -> np.ndarray:
-    """The control image of `kind` for a picture (PIL or uint8 array); a, b: the kind's thresholds (A1111's
-    threshold_a / threshold_b: canny's low / high, scribble's threshold, tile's downscale)."""
+def check(kind, mask=None, a=None, b=None):
+    """One line for a kind nanosd lacks, or for a threshold or mask the kind would not read."""
     if kind not in KINDS:
         raise ValueError(f"unknown control image kind {kind!r}: one of {', '.join(KINDS)}")
-    if kind == "canny":
-        return canny(image, *(v for v in (a, b) if v is not None))
-    if kind == "scribble":
-        return scribble(image, *(v for v in (a,) if v is not None))
+    takes = len(DEFAULTS[kind])
+    for name, value, n in (("a", a, 1), ("b", b, 2)):
+        if value is not None and takes < n:
+            raise ValueError(f"the {kind} control takes {takes or 'no'} threshold{'s' * (takes != 1)}: give no {name} "
+                             f"(threshold_{name})")
+    if mask is not None and kind != "inpaint":
+        raise ValueError(f"the {kind} control reads no mask: give one to the inpaint kind only")
+
+
+def control_image(image, kind="canny", mask=None, a=None, b=None) -> np.ndarray:
+    """The control image of `kind` for a picture (PIL or uint8 array); a, b: the kind's thresholds (A1111's
+    threshold_a / threshold_b: canny's low / high, scribble's threshold, tile's downscale; None: DEFAULTS)."""
+    check(kind, mask, a, b)
     if kind == "inpaint":
         return inpaint(image, mask)
-    if kind == "tile":
-        return tile(image, *(v for v in (a,) if v is not None))
-    return _rgb(image).astype(np.float32) / 255
+    if kind == "none":
+        return _rgb(image).astype(np.float32) / 255
+    args = [d if v is None else v for v, d in zip((a, b), DEFAULTS[kind])]
+    return {"canny": canny, "scribble": scribble, "tile": tile}[kind](image, *args)
 
 
 def control_images(images, kind="canny", a=None, b=None):

@@ -107,8 +107,3 @@ def load_run(path: Path):
     model = ConditionedUNet(unet, bind_conditioner(Conditioner(cfg.condition), ae, cfg)) if cfg.condition else unet
     load_into(model, load_tensors(path / WEIGHTS), f"{path / WEIGHTS}")
     return cfg, model, ae, load_guide(path, cfg)
-
-
-def lora_run(path: Path):
-    """A LoRA run's LoraConfig (its base and settings), or None for any other run."""
-    return load_config(Path(path) / CONFIG).lora

@@ -180,7 +180,7 @@ class Server:
         from pydantic import ValidationError
 
         from .controlnet import MODES, RESIZE, Control
-        from .preprocess import A1111_MODULES
+        from .preprocess import A1111_MODULES, DEFAULTS
 
         other = [k for k in scripts if k.lower() != "controlnet"]
         if other:
@@ -215,12 +215,16 @@ class Server:
             module = A1111_MODULES.get(u.module)
             if module is None:
                 raise Refused(f"{where}: module {u.module!r}: nanosd has {', '.join(A1111_MODULES)}")
+            mask = self.decode_image(mask, f"{where}'s mask") if mask else None
+            if mask is not None and module != "inpaint" and not mask.convert("L").getbbox():
+                mask = None  # A1111's older clients send an empty (black) mask with every unit
+            takes = len(DEFAULTS[module])  # as A1111: thresholds a module has no use for are not read
+            thresholds = [None if v < 0 or takes < n else v for v, n in ((u.threshold_a, 1), (u.threshold_b, 2))]
             units.append(Control(self.controlnet(u.model, where), self.decode_image(image, f"{where}'s image"),
                                  u.weight, u.guidance_start, u.guidance_end, mode, module,
-                                 self.decode_image(mask, f"{where}'s mask") if mask else None,
-                                 None if u.threshold_a < 0 else u.threshold_a,
-                                 None if u.threshold_b < 0 else u.threshold_b, resize,
-                                 None if u.pixel_perfect or u.processor_res < 0 else u.processor_res))
+                                 mask, *thresholds, resize,
+                                 None if u.pixel_perfect or u.processor_res < 0 or module in ("none", "inpaint")
+                                 else u.processor_res))
             try:
                 units[-1].check()
             except ValueError as e:

@@ -174,6 +174,9 @@ def test_bad_controls_get_one_line_errors(setup, tmp_path):
     refused("values must be in", image=torch.rand(1, 3, 64, 64) * 3)
     refused("start 0.5 and end 0.2", start=0.5, end=0.2)
     refused("control mode 'loud'", mode="loud")
+    refused("the none control takes no thresholds: give no a", a=50)
+    refused("the canny control reads no mask", module="canny", image=control_image(0), mask=Image.new("L", (64, 64)))
+    refused("the none module detects nothing", processor_res=512)
     other = nanosd.ControlNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=[1, 2], context_dim=64, attention_levels=[1],
                                          norm_groups=2))
     refused("made for another U-Net .*context_dim=64", net=other)
@@ -214,6 +217,8 @@ def test_a_controlnet_trained_here_on_an_sd_checkpoint_is_read_by_diffusers(tmp_
     assert (run / "samples.png").is_file()  # rows of control, sample, original
     pipe = nanosd.load(folder)
     net = nanosd.load_controlnet(run, base=pipe)  # the run folder: its controlnet.safetensors
+    with pytest.raises(ValueError, match="is a ControlNet run: generate with its base"):
+        nanosd.load(run)
     assert net.middle_block_out[0].weight.abs().max() > 0  # trained away from zero
     control = Image.open(images / "3.png")
     ours = pipe.generate(PROMPTS, NEGATIVES, control=[nanosd.Control(net, control, module="canny")], **KW).images
@@ -231,7 +236,7 @@ def test_a_controlnet_trained_here_on_an_sd_checkpoint_is_read_by_diffusers(tmp_
 
 def test_control_images_and_their_command(tmp_path, capsys):
     from nanosd.cli import main
-    from nanosd.preprocess import control_image
+    from nanosd.preprocess import canny, control_image
 
     picture = Image.new("RGB", (64, 48), (255, 255, 255))
     picture.paste((0, 0, 0), (16, 12, 48, 36))  # a black box on white
@@ -248,8 +253,10 @@ def test_control_images_and_their_command(tmp_path, capsys):
     mask.paste(255, (0, 0, 8, 8))
     hole = control_image(picture, "inpaint", mask=mask)
     assert (hole[:8, :8] == -1).all() and (hole[20:, 20:] >= 0).all()
+    assert (control_image(picture, "canny", b=150) == canny(picture, 100, 150)).all()  # b alone: a's default
     for bad, match in ((dict(kind="depth"), "unknown control image kind"), (dict(kind="canny", a=200, b=100),
-                       "low 200 and high 100"), (dict(kind="inpaint"), "needs a mask")):
+                       "low 200 and high 100"), (dict(kind="inpaint"), "needs a mask"),
+                       (dict(kind="scribble", b=3), "takes 1 threshold: give no b")):
         with pytest.raises(ValueError, match=match):
             control_image(picture, **bad)
     picture.save(tmp_path / "p.png")

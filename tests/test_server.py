@@ -283,11 +283,16 @@ def test_controlnet_units_as_a1111s_extension_takes_them(model, tmp_path):
         info = controlled.info["infotexts"][0]
         assert 'ControlNet 0: "Module: canny, Model: control_tiny [' in info and "Weight: 0.9" in info
         assert "Control Mode: My prompt is more important" in info and "Guidance End: 0.8" in info
+        # webuiapi's defaults (thresholds 64, processor_res 512, an empty mask) on a module that reads none of them
+        plain_unit = {**webuiapi.ControlNetUnit(image=edges, model=names[0]).to_dict(), "mask": png_b64(value=0)}
+        status, out = call(url, "/sdapi/v1/txt2img", {**kw, "alwayson_scripts": {"controlnet": {"args": [plain_unit]}}})
+        assert status == 200 and "Module: none" in json.loads(out["info"])["infotexts"][0], out
         off = webuiapi.ControlNetUnit(image=edges, model=names[0], enabled=False)
         assert api.txt2img(controlnet_units=[off], **kw).image.tobytes() == plain.image.tobytes()
         bad_units = [({"model": "nope"}, "no ControlNet 'nope'"), ({"control_mode": 7}, "control_mode 7"),
                      ({"module": "depth_midas"}, "module 'depth_midas'"), ({"strength": 2}, "strength"),
-                     ({"guidance_start": 0.9, "guidance_end": 0.1}, "start 0.9 and end 0.1")]
+                     ({"guidance_start": 0.9, "guidance_end": 0.1}, "start 0.9 and end 0.1"),
+                     ({"mask": png_b64(value=255)}, "the canny control reads no mask")]
         for change, message in bad_units:
             body = {**kw, "alwayson_scripts": {"controlnet": {"args": [{**unit.to_dict(), **change}]}}}
             status, out = call(url, "/sdapi/v1/txt2img", body)

@@ -116,6 +116,8 @@ def test_bad_input_gets_one_line_errors(tmp_path, tiny_cfg, image_folder, capsys
     cfg.write_text('[data]\nsize = 30\n[unet]\nchannel_mult = [1, 2, 2]\n')
     one_line_error(capsys, ["train", str(cfg)], "data.size 30 is not divisible by the model's factor 4")
     one_line_error(capsys, ["train", str(tmp_path / "nope.toml")], "not found")
+    cfg.write_text('[lora]\nbase = "a"\n[controlnet]\nbase = "a"\n')
+    one_line_error(capsys, ["train", str(cfg)], "a LoRA ([lora]) or a ControlNet ([controlnet]), not both")
     one_line_error(capsys, ["generate", str(tmp_path)], "is neither a run folder")
     # a truncated checkpoint
     tiny_cfg.data.name = str(image_folder)
