@@ -1,4 +1,5 @@
 """`load()` a model and generate images: request -> noise -> sampler(denoiser, steps) -> decoder -> image."""
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from .controlnet import residuals
 from .formats import diffusers, sd
 from .images import as_tensor, to_pil
 from .io import load_into, read_checkpoint, save_tensors
-from .request import Generation, Request
+from .request import UPSCALERS, Generation, Request
 from .run import CONFIG, LORA, is_run, load_run
 from .samplers import after_step
 from .schedule import Schedule
+from .seeds import ImageNoise
 from .unet import UNet
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -258,21 +260,49 @@ class Pipeline:
                 tagged.append(adapters.cached(self, name))
                 tagged[-1].weights = {"text": text_w, "unet": unet_w}
                 adapters.attach(self, tagged[-1])
-            made = self._generate(r, callback)
+            made = self._generate(r, callback) if r.hires is None else self._hires(r, callback)
             made.lora_hashes = {lora.name: lora.hash for lora in tagged}
             return made
         finally:
             for lora in reversed(tagged):
                 adapters.detach(self, lora)
 
-    def _generate(self, r: Request, callback=None) -> Generation:
+    def _hires(self, r: Request, callback=None) -> Generation:
+        """A1111's hires fix: the image at the request's size, upscaled, then redrawn as img2img: `hr steps` steps,
+        the last of int(hr steps / strength) (A1111's count), with noise drawn again at the new size."""
+        h = r.hires
+        low = self._generate(dataclasses.replace(r, hires=None, output="latent"), callback).images
+        height, width = h.size(r.height, r.width, self.factor)
+        mode = UPSCALERS[h.upscaler]
+        if mode in ("lanczos", "nearest-pixels"):  # in pixels: decode, resize, encode again
+            resample = Image.LANCZOS if mode == "lanczos" else Image.NEAREST
+            pixels = torch.cat([self._image(to_pil((im / 2 + 0.5).clamp(0, 1)).resize((width, height), resample),
+                                              None, "image") for im in self.decode(low).float().cpu()]) * 2 - 1
+            x0 = self.to_model_space(pixels, torch.Generator().manual_seed(r.seed))
+        else:
+            f = self.factor_ae
+            x0 = torch.nn.functional.interpolate(low.float(), (height // f, width // f), mode=mode.split("-anti")[0],
+                                                 antialias=mode.endswith("antialiased"))
+        steps = h.steps or r.steps
+        total = int(steps / min(h.strength, 0.999))
+        second = dataclasses.replace(r, hires=None, height=height, width=width, steps=total, strength=h.strength)
+        made = self._generate(second, callback, x0=x0.cpu(), skip=total - steps)
+        return Generation(made.images, r)
+
+    def _generate(self, r: Request, callback=None, x0=None, skip=None) -> Generation:
+        """`x0`: the start in model space (the hires fix's upscaled latents), with `skip` steps of r.steps skipped;
+        else skipped as strength says (diffusers' get_timesteps, or A1111's count in A1111 seed mode)."""
         spec, n, size = r.sampler, r.batch_size, (r.height, r.width)
         latent_size = (size[0] // self.factor_ae, size[1] // self.factor_ae)
+        a1111 = r.noise == "a1111"
         cond, uncond = self.encode_prompts(r)
         g = torch.Generator().manual_seed(r.seed)
-        sched = spec.steps(self.schedule, r.steps)
-        if r.init is not None:  # diffusers' get_timesteps: skip the first (1 - strength) of the steps
-            sched = sched[r.steps - min(int(r.steps * r.strength), r.steps):]
+        sched = spec.steps(self.schedule, r.steps, a1111, self.family in ("sdxl", "sdxl-refiner"))
+        if r.init is not None or x0 is not None:  # skip the first (1 - strength) of the steps
+            if skip is None:
+                skip = r.steps - int(min(r.strength, 0.999) * r.steps) - 1 if a1111 else \
+                    r.steps - min(int(r.steps * r.strength), r.steps)
+            sched = sched[skip:]
             if len(sched) < 1:
                 raise ValueError(f"strength {r.strength} leaves no steps out of {r.steps}: raise either")
         concat = self.conditioner.cfg.concat if self.conditioner else ""
@@ -281,17 +311,26 @@ class Pipeline:
         m = self._mask(r.mask, pixels) if r.mask is not None else None
         inpainting = m is not None
         blend = inpainting and (not concat or self.cfg.sample.inpaint_blend)
-        x0 = self.to_model_space(pixels, g) if r.init is not None and (not inpainting or r.strength < 1 or blend) \
-            else None
+        if r.init is not None and (not inpainting or r.strength < 1 or blend):
+            x0 = self.to_model_space(pixels, g)
         ch = self.cfg.unet.in_channels
-        noise = torch.randn((n, ch, *latent_size), generator=g) if r.latents is None else r.latents.float()
+        draws = g  # where the samplers' fresh noise comes from
+        if r.latents is not None:
+            noise = r.latents.float()
+        elif a1111:  # a generator per image; the samplers' fresh noise comes from them too
+            seeds, subseeds = zip(*r.image_seeds())
+            draws = ImageNoise((ch, *latent_size), seeds, r.rng, subseeds, r.subseed_strength,
+                           (r.seed_resize_from_w, r.seed_resize_from_h), r.eta_noise_seed_delta, self.factor_ae)
+            noise = draws.first()
+        else:
+            noise = torch.randn((n, ch, *latent_size), generator=g)
         x0 = x0.expand(n, -1, -1, -1) if x0 is not None else None
         x = spec.start(sched, noise, x0 if x0 is not None and (not inpainting or r.strength < 1) else None)
         if concat:
             image = (pixels + 1) / 2 if inpainting else r.image
             cond = dict(cond or {}, concat=self.spatial_condition(image, m, n, size, g))
             uncond = dict(uncond or {}, concat=cond["concat"])
-        elif inpainting:  # diffusers encodes the masked image here for a standard U-Net, unused
+        elif inpainting and not a1111:  # diffusers encodes the masked image here for a standard U-Net, unused
             torch.randn((1, ch, *latent_size), generator=g)
         device = next(self.unet.parameters()).device  # a model trained on a GPU samples there
         if blend:  # keep the unmasked part: the known latents, noised to the current step, after each step
@@ -321,7 +360,7 @@ class Pipeline:
             hints = [c.hint(r.height, r.width, n, r.mask).to(device) for c in r.control]
             denoiser = self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale, r.control, hints,
                                      step)
-            z = spec(denoiser, x.to(device), sched, generator=g, callback=progress, eta=r.eta)
+            z = spec(denoiser, x.to(device), sched, generator=draws, callback=progress, eta=r.eta)
         if r.output == "latent":
             return Generation(z, r)
         images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1).cpu()

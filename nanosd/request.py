@@ -9,9 +9,45 @@ import torch
 from PIL import Image
 
 from .controlnet import Control
-from .samplers import Sampler, sampler as get_sampler
+from .samplers import SCHEDULE_TYPES, Sampler, sampler as get_sampler
+from .seeds import SOURCES
 
 OUTPUTS = ("pil", "tensor", "latent")
+NOISES = ("diffusers", "a1111")
+UPSCALERS = {"Latent": "bilinear", "Latent (antialiased)": "bilinear-antialiased", "Latent (bicubic)": "bicubic",
+             "Latent (bicubic antialiased)": "bicubic-antialiased", "Latent (nearest)": "nearest",
+             "Latent (nearest-exact)": "nearest-exact", "Lanczos": "lanczos", "Nearest": "nearest-pixels"}
+
+
+@dataclass
+class Hires:
+    """A1111's hires fix: the image made at the request's size, upscaled (its latents, or its pixels with Lanczos)
+    to `scale` times it (or resize_x by resize_y), then redrawn from there as img2img at `strength` in `steps`
+    (0: the request's)."""
+    scale: float = 2.0
+    upscaler: str = "Latent"
+    steps: int = 0
+    strength: float = 0.7
+    resize_x: int = 0
+    resize_y: int = 0
+
+    def size(self, height, width, factor):
+        """The second pass's (height, width): A1111's rule, then down to the model's multiple."""
+        if self.resize_x or self.resize_y:  # one side given: the other keeps the aspect
+            w = self.resize_x or round(self.resize_y * width / height)
+            h = self.resize_y or round(self.resize_x * height / width)
+        else:
+            w, h = int(width * self.scale), int(height * self.scale)
+        return h // factor * factor, w // factor * factor
+
+    def check(self):
+        if self.upscaler not in UPSCALERS:
+            raise ValueError(f"hires upscaler {self.upscaler!r}: nanosd has {', '.join(UPSCALERS)}")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"hires denoising strength must be in (0, 1], got {self.strength}")
+        if self.steps < 0 or not 1 <= self.scale <= 4 or min(self.resize_x, self.resize_y) < 0:
+            raise ValueError(f"hires fix: steps >= 0 (0: the same), scale from 1 to 4, resize sides >= 0; got steps "
+                             f"{self.steps}, scale {self.scale}, resize {self.resize_x}x{self.resize_y}")
 
 
 @dataclass
@@ -43,6 +79,17 @@ class Request:
     aesthetic_score: float | None = None  # the SDXL refiner's (None: 6.0) and its unconditional branch's (None: 2.5)
     negative_aesthetic_score: float | None = None
     control: list = ()  # ControlNets acting on this generation: nanosd.Control(net, image, scale, start, end, mode)
+    scheduler: str | None = None  # the schedule type (A1111's: "Karras", "SGM Uniform", ...); None: the sampler's
+    # seeds: "diffusers" (one generator for the batch, diffusers' order) or "a1111" (A1111's: a generator per image,
+    # seed + i, from the RNG source `rng`; variation seeds, seed resize and ENSD; k-diffusion's discretisations)
+    noise: str = "diffusers"
+    rng: str = "GPU"  # A1111's randn_source: GPU (= NV: Philox, as CUDA draws), CPU
+    subseed: int | None = None  # A1111's variation seed (None: drawn, when subseed_strength > 0)
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0  # A1111's "resize seed from": the noise drawn at this size, pasted centred
+    seed_resize_from_h: int = 0
+    eta_noise_seed_delta: int = 0  # A1111's ENSD: the ancestral samplers' noise seeded with seed + this
+    hires: Hires | None = None  # A1111's hires fix (text-to-image only)
 
     def resolve(self, model) -> "Request":
         """A copy with every default taken from `model` (a Pipeline) and every field checked against it; resolving
@@ -56,7 +103,28 @@ class Request:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.clip_skip < 1:
             raise ValueError(f"clip_skip must be at least 1 (1: CLIP's last layer), got {self.clip_skip}")
-        spec = self.sampler if isinstance(self.sampler, Sampler) else get_sampler(self.sampler or cfg.sample.sampler)
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
+        a1111 = self.noise == "a1111"
+        spec = self.sampler if isinstance(self.sampler, Sampler) and self.scheduler is None else \
+            get_sampler(self.sampler.label if isinstance(self.sampler, Sampler) else self.sampler or cfg.sample.sampler,
+                        self.scheduler)
+        spec.check(a1111)
+        seeding = {"rng": self.rng != "GPU", "subseed": self.subseed is not None,
+                   "subseed_strength": self.subseed_strength != 0,
+                   "seed_resize_from_w": self.seed_resize_from_w != 0, "seed_resize_from_h": self.seed_resize_from_h != 0,
+                   "eta_noise_seed_delta": self.eta_noise_seed_delta != 0}
+        if not a1111 and any(seeding.values()):
+            raise ValueError(f"{next(k for k, v in seeding.items() if v)}: A1111's seeding; give noise='a1111' "
+                             "(--seed-mode a1111) to use it")
+        if self.rng not in SOURCES:
+            raise ValueError(f"rng {self.rng!r}: choose one of {', '.join(SOURCES)}")
+        if not 0 <= self.subseed_strength <= 1:
+            raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")
+        if self.hires is not None:
+            self.hires.check()
+            if self.init is not None or self.output == "latent":
+                raise ValueError("the hires fix redraws a text-to-image result: give no init image, and an image output")
         if self.eta is not None and "eta" not in spec.options and self.eta != spec.eta:
             raise ValueError(f"eta {self.eta}: the {spec.a1111} sampler always runs at eta {spec.eta:g}; choose DDIM "
                              f"for another eta, or give none")
@@ -117,6 +185,8 @@ class Request:
             self, prompt=prompts, negative_prompt=negatives, steps=steps, sampler=spec,
             cfg_scale=(cfg.condition.guidance if self.cfg_scale is None else self.cfg_scale) if prompted else 1.0,
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed,
+            subseed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.subseed is None and self.subseed_strength
+            else self.subseed,
             height=height, width=width, control=control, batch_size=len(prompts) if prompted else self.batch_size,
             eta=cfg.sample.eta if self.eta is None and "eta" in spec.options else self.eta, autoguidance=autoguidance,
             overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay,
@@ -152,21 +222,49 @@ class Request:
     def guided(self):
         return self.prompt is not None
 
+    def image_seeds(self):
+        """Each image's (seed, variation seed): A1111's seed + i (with a variation: the seed, and subseed + i), or
+        the batch's one seed (diffusers: one generator for the batch)."""
+        n, sub = self.batch_size, self.subseed or 0
+        if self.noise != "a1111":
+            return [(self.seed, self.subseed)] * n
+        return [(self.seed + (0 if self.subseed_strength else i), sub + i) for i in range(n)]
+
     def infotext(self, index=0, model="") -> str:
         """A resolved request in A1111's `parameters` format: the prompt, 'Negative prompt: ...', then
-        'Steps: 20, Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...'."""
+        'Steps: 20, Sampler: ..., Schedule type: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...'. A1111-seeded
+        images write what A1111 writes; diffusers-seeded ones say so ("Seed mode: diffusers"), since A1111 would
+        draw them differently."""
         lines = []
         if self.prompt is not None:
             lines += [self.prompt[index]] + ([f"Negative prompt: {self.negative_prompt[index]}"]
                                              if self.negative_prompt[index] else [])
-        settings = {"Steps": self.steps, "Sampler": self.sampler.a1111,
+        a1111, spec = self.noise == "a1111", self.sampler
+        seed, subseed = self.image_seeds()[index]
+        kind = spec.k if a1111 and spec.k and spec.schedule == "automatic" else spec.schedule
+        h = self.hires
+        settings = {"Steps": self.steps, "Sampler": spec.a1111 if a1111 else spec.label,
+                    **({"Schedule type": SCHEDULE_TYPES[kind]} if a1111 and spec.k and
+                       (kind, spec.schedule) != ("uniform", "automatic") else {}),
                     **({"CFG scale": self.cfg_scale} if self.guided else {}),
                     **({"Autoguidance": self.autoguidance} if self.autoguidance != 1.0 else {}),
                     **({"Guidance rescale": self.guidance_rescale} if self.guidance_rescale else {}),
-                    "Seed": self.seed, **({"Clip skip": self.clip_skip} if self.clip_skip != 1 else {}),
+                    "Seed": seed, "Size": f"{self.width}x{self.height}", **({"Model": model} if model else {}),
+                    **({"Variation seed": subseed, "Variation seed strength": self.subseed_strength}
+                       if self.subseed_strength else {}),
+                    **({"Seed resize from": f"{self.seed_resize_from_w}x{self.seed_resize_from_h}"}
+                       if self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0 else {}),
                     **({"Denoising strength": self.strength} if self.init is not None and self.strength < 1 else {}),
-                    "Size": f"{self.width}x{self.height}", **({"Model": model} if model else {}),
-                    **{f"ControlNet {i}": f'"{unit.infotext()}"' for i, unit in enumerate(self.control)}}
+                    **({"Denoising strength": h.strength} if h else {}),
+                    **({"Clip skip": self.clip_skip} if self.clip_skip != 1 else {}),
+                    **({"ENSD": self.eta_noise_seed_delta} if self.eta_noise_seed_delta and spec.eta else {}),
+                    **({"RNG": self.rng} if self.rng != "GPU" else {}),
+                    **({"Hires upscale": h.scale} if h and not (h.resize_x or h.resize_y) else {}),
+                    **({"Hires resize": f"{h.resize_x}x{h.resize_y}"} if h and (h.resize_x or h.resize_y) else {}),
+                    **({"Hires steps": h.steps} if h and h.steps else {}),
+                    **({"Hires upscaler": h.upscaler} if h else {}),
+                    **{f"ControlNet {i}": f'"{unit.infotext()}"' for i, unit in enumerate(self.control)},
+                    **({} if a1111 else {"Seed mode": "diffusers"})}
         return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in settings.items())])
 
 

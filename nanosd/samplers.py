@@ -11,6 +11,7 @@ and after the last. Two families hold x differently, as their papers do:
 step i with the new x and the predicted x_0; if it returns a tensor, that replaces x (how inpainting keeps the
 unmasked part). Each sampler reproduces the diffusers scheduler of its family, timesteps included.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,6 +42,10 @@ def _interp_steps(schedule: Schedule, t: torch.Tensor, final_sigma=0.0):
 
 
 def _randn(x, generator):
+    """Fresh noise like x: from a torch.Generator (diffusers' one for the batch), or from an object that draws it
+    itself (A1111's per-image generators, seeds.ImageNoise)."""
+    if hasattr(generator, "randn_like"):
+        return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
@@ -247,6 +252,73 @@ def sample_heun(model, x, steps, *, generator=None, callback=None):
     return x
 
 
+# --- A1111's schedule types: k-diffusion's discretisations of sigma over the model's own sigmas ---
+SCHEDULE_TYPES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+                  "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                  "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM"}
+# Align Your Steps (Sabour et al. 2024): NVIDIA's 10-step sigmas, log-linearly resampled for other counts
+AYS = {"sd": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+       "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
+
+
+def schedule_type(name: str | None) -> str:
+    """Our key ("sgm_uniform") for a schedule type named either way ("SGM Uniform"); None is Automatic."""
+    if name is None:
+        return "automatic"
+    for key, label in SCHEDULE_TYPES.items():
+        if name.lower() in (key, label.lower(), label.lower().replace(" ", "")):
+            return key
+    raise ValueError(f"unknown schedule type {name!r}: choose one of {', '.join(SCHEDULE_TYPES.values())}")
+
+
+def k_sigma_to_t(schedule: Schedule, sigma: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's fractional timestep of each sigma: linear in log sigma between the integer timesteps."""
+    log_sig = schedule.ldm_sigmas.log()
+    lo = (sigma.log() - log_sig[:, None]).ge(0).cumsum(0).argmax(0).clamp(max=len(log_sig) - 2)
+    w = ((log_sig[lo] - sigma.log()) / (log_sig[lo] - log_sig[lo + 1])).clamp(0, 1)
+    return (1 - w) * lo + w * (lo + 1)
+
+
+def k_sigmas(schedule: Schedule, n: int, kind: str, sdxl=False) -> torch.Tensor:
+    """The n + 1 sigmas (the last 0, KL Optimal's sigma_min) that A1111 gives k-diffusion for `kind`, in float32
+    as it computes them, from the model's sigmas as the original SD code holds them."""
+    sig = schedule.ldm_sigmas
+    log_sig, smin, smax = sig.log(), sig[0].item(), sig[-1].item()
+    zero = torch.zeros(1)
+
+    def t_to_sigma(t):
+        lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * log_sig[lo] + w * log_sig[hi]).exp()
+
+    def sigma_to_t(sigma):
+        return k_sigma_to_t(schedule, torch.tensor([sigma]))[0]
+
+    if kind == "uniform":
+        return torch.cat([t_to_sigma(torch.linspace(len(sig) - 1, 0, n)), zero])
+    if kind == "karras":  # Karras et al. 2022, rho = 7
+        ramp = torch.linspace(0, 1, n)
+        return torch.cat([(smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7, zero])
+    if kind in ("exponential", "polyexponential"):  # rho = 1: the same geometric spacing
+        return torch.cat([torch.linspace(math.log(smax), math.log(smin), n).exp(), zero])
+    if kind in ("sgm_uniform", "normal"):  # evenly in t, from sigma_max's t to sigma_min's
+        ts = torch.linspace(sigma_to_t(smax), sigma_to_t(smin), n + (kind != "normal"))
+        return torch.cat([t_to_sigma(ts[:n]), zero])
+    if kind == "kl_optimal":
+        i = torch.arange(n + 1)
+        return torch.tan(i / n * math.atan(smin) + (1.0 - i / n) * math.atan(smax)).float()
+    if kind == "align_your_steps":
+        table = np.array(AYS["sdxl" if sdxl else "sd"])
+        if n != len(table):
+            ys = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(table)), np.log(table[::-1]))
+            table = np.exp(ys)[::-1]
+        return torch.tensor([*table, 0.0], dtype=torch.float32)
+    if kind == "simple":
+        return torch.cat([sig[[-(1 + int(x * len(sig) / n)) for x in range(n)]], zero])
+    if kind == "ddim":
+        return torch.cat([sig[1::max(len(sig) // n, 1)].flip(0), zero])
+    raise ValueError(f"schedule type {kind!r} has no discretisation")
+
+
 @dataclass(frozen=True)
 class Sampler:
     """A sampler resolved once from its name: its function, the timesteps and the space it works in, the options it
@@ -256,22 +328,45 @@ class Sampler:
     fn: callable
     spacing: str  # the diffusers family's default timestep spacing: leading, linspace, or n+1 points ("multistep")
     sigma_family: bool = False
-    karras: bool = False
     options: tuple = ()  # keyword options of fn (DDIM's eta)
     every_step: bool = False  # by default every timestep of the schedule (DDPM), not sample.steps
     eta: float = 0.0  # the eta a sampler without the option always runs at (1: ancestral noise at every step)
+    k: str = ""  # A1111 runs it through k-diffusion, with this schedule type by default ("": its own timesteps)
+    schedule: str = "automatic"  # the schedule type ("DPM++ 2M Karras" is DPM++ 2M with "karras")
+
+    @property
+    def label(self):
+        """The name with a schedule type where it is not the automatic one, as older A1111 versions wrote it."""
+        return self.a1111 + ("" if self.schedule == "automatic" else f" {SCHEDULE_TYPES[self.schedule]}")
 
     def __call__(self, model, x, steps, *, generator=None, callback=None, **options):
         return self.fn(model, x, steps, generator=generator, callback=callback,
                        **{k: v for k, v in options.items() if k in self.options and v is not None})
 
-    def steps(self, schedule: Schedule, n: int) -> Steps:
-        """The n steps this sampler takes, with the timesteps diffusers' scheduler of its family takes: its own
-        default spacing, or the one the model's scheduler config sets for all (schedule.spacing)."""
+    def check(self, a1111: bool):
+        """Refuse a schedule type this sampler cannot take in this seed mode, naming what it can."""
+        if self.schedule == "automatic":
+            return
+        if a1111 and not self.k:
+            raise ValueError(f"schedule type {SCHEDULE_TYPES[self.schedule]}: A1111's {self.a1111} sampler takes its "
+                             "own timesteps; give schedule type Automatic")
+        if not a1111 and (self.name, self.schedule) != ("dpmpp_2m", "karras"):
+            raise ValueError(f"schedule type {SCHEDULE_TYPES[self.schedule]} with {self.a1111}: diffusers' samplers "
+                             "here take Automatic (and Karras with DPM++ 2M); A1111's schedule types are in A1111 seed "
+                             "mode (noise='a1111', --seed-mode a1111)")
+
+    def steps(self, schedule: Schedule, n: int, a1111=False, sdxl=False) -> Steps:
+        """The n steps this sampler takes: with A1111's discretisation (a1111=True, k-diffusion samplers: sigmas from
+        the schedule type, fractional timesteps from them), else with the timesteps diffusers' scheduler of its family
+        takes: its own default spacing, or the one the model's scheduler config sets for all (schedule.spacing)."""
         T = schedule.timesteps
         if not 1 <= n <= T:
             raise ValueError(f"steps must be between 1 and {T}, got {n}")
-        if self.karras:  # Karras et al.'s rho = 7 spacing of sigma, each mapped back to a rounded timestep
+        if a1111 and self.k:  # the start is noise x sigma_max (k-diffusion's), not diffusers' init_noise_sigma
+            kind = self.k if self.schedule == "automatic" else self.schedule
+            sigma = k_sigmas(schedule, n, kind, sdxl)
+            return Steps(k_sigma_to_t(schedule, sigma[:-1]), sigma, 1 / (1 + sigma.double() ** 2), init=sigma[0].item())
+        if self.schedule == "karras":  # diffusers' use_karras_sigmas: rho = 7 spacing, each at a rounded timestep
             smin, smax = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
             ramp = torch.linspace(0, 1, n, dtype=torch.float64)
             sigma = (smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7
@@ -303,7 +398,10 @@ class Sampler:
     def start(self, steps: Steps, noise: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The first x: pure noise at the sampler's scale, or x_0 noised to the first step (img2img)."""
         if x0 is None:  # diffusers' init_noise_sigma: sigma_max for Euler-like samplers, 1 for the others
-            return noise * (steps.init or steps.sigma.max()) if self.sigma_family else noise
+            if self.sigma_family:
+                return noise * (steps.init or steps.sigma.max())
+            # alpha-bar samplers hold x_t; k-diffusion's start, noise x sigma_max, is this as x_t
+            return noise if steps.init is None else noise * (steps.init / (steps.init**2 + 1) ** 0.5)
         return self.noised(steps, x0, noise, 0)
 
     def noised(self, steps: Steps, x0, noise, i):
@@ -321,21 +419,30 @@ SAMPLERS = {s.name: s for s in (
     Sampler("ddpm", "DDPM", sample_ddpm, "leading", every_step=True, eta=1.0),
     Sampler("ddim", "DDIM", sample_ddim, "leading", options=("eta",)),
     Sampler("plms", "PLMS", sample_plms, "leading"),
-    Sampler("euler", "Euler", sample_euler, "linspace", sigma_family=True),
-    Sampler("euler_a", "Euler a", sample_euler_a, "linspace", sigma_family=True, eta=1.0),
-    Sampler("heun", "Heun", sample_heun, "linspace", sigma_family=True),
-    Sampler("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, "multistep"),
-    Sampler("dpmpp_2m_karras", "DPM++ 2M Karras", sample_dpmpp_2m, "multistep", karras=True),
+    Sampler("euler", "Euler", sample_euler, "linspace", sigma_family=True, k="uniform"),
+    Sampler("euler_a", "Euler a", sample_euler_a, "linspace", sigma_family=True, eta=1.0, k="uniform"),
+    Sampler("heun", "Heun", sample_heun, "linspace", sigma_family=True, k="uniform"),
+    Sampler("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, "multistep", k="karras"),  # A1111 1.9+'s default: Karras
     Sampler("unipc", "UniPC", sample_unipc, "multistep"),
 )}
 
 
-def sampler(name: str) -> Sampler:
-    """The sampler named as ours ("dpmpp_2m_karras") or as A1111 writes it ("DPM++ 2M Karras")."""
-    if name in SAMPLERS:
-        return SAMPLERS[name]
-    for s in SAMPLERS.values():
-        if name.lower() == s.a1111.lower():
-            return s
-    raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)} (or A1111's names: "
-                     f"{', '.join(s.a1111 for s in SAMPLERS.values())})")
+def sampler(name: str, schedule: str | None = None) -> Sampler:
+    """The sampler named as ours ("dpmpp_2m", "dpmpp_2m_karras") or as A1111 writes it ("DPM++ 2M", "DPM++ 2M
+    Karras": a schedule type after the name, as A1111 before 1.9 named them), with `schedule` (a schedule type,
+    A1111 1.9+'s separate field; None or Automatic: the name's) on top."""
+    base, kind = name, "automatic"
+    for key, label in SCHEDULE_TYPES.items():
+        for suffix in (f" {label}", f"_{key}"):
+            if key != "automatic" and name.lower().endswith(suffix.lower()) and len(name) > len(suffix):
+                base, kind = name[:-len(suffix)], key
+    found = SAMPLERS.get(base) or next((s for s in SAMPLERS.values() if base.lower() == s.a1111.lower()), None)
+    if found is None:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)} (or A1111's names: "
+                         f"{', '.join(s.a1111 for s in SAMPLERS.values())}), with a schedule type if you like "
+                         "(\"DPM++ 2M Karras\")")
+    asked = schedule_type(schedule)
+    if asked != "automatic" and kind != "automatic" and asked != kind:
+        raise ValueError(f"sampler {name!r} names schedule type {SCHEDULE_TYPES[kind]}, and the schedule type "
+                         f"asked is {SCHEDULE_TYPES[asked]}: give one")
+    return dataclasses.replace(found, schedule=asked if asked != "automatic" else kind)

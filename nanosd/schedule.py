@@ -12,16 +12,17 @@ SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 
 
-def make_betas(name: str, timesteps: int = 1000, beta_start: float | None = None, beta_end: float | None = None):
+def make_betas(name: str, timesteps: int = 1000, beta_start: float | None = None, beta_end: float | None = None,
+               dtype=torch.float32):
     if name == "linear":  # DDPM (Ho et al. 2020)
-        return torch.linspace(beta_start or 1e-4, beta_end or 0.02, timesteps, dtype=torch.float32)
+        return torch.linspace(beta_start or 1e-4, beta_end or 0.02, timesteps, dtype=dtype)
     if name == "scaled_linear":  # Stable Diffusion: sqrt(beta) is linear
         lo, hi = beta_start or 0.00085, beta_end or 0.012
-        return torch.linspace(lo**0.5, hi**0.5, timesteps, dtype=torch.float32) ** 2
+        return torch.linspace(lo**0.5, hi**0.5, timesteps, dtype=dtype) ** 2
     if name == "cosine":  # Nichol & Dhariwal 2021, betas capped at 0.999
         f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = [min(1 - f((i + 1) / timesteps) / f(i / timesteps), 0.999) for i in range(timesteps)]
-        return torch.tensor(betas, dtype=torch.float32)
+        return torch.tensor(betas, dtype=dtype)
     raise ValueError(f"unknown beta schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
 
 
@@ -46,6 +47,11 @@ class Schedule:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         if zero_snr:  # sigma would be infinite at the last step: diffusers' (and A1111's) tiny alpha-bar instead
             self.alphas_cumprod[-1] = 2.0**-24
+        # alpha-bar as the original SD code (and so A1111's k-diffusion) holds it: float64 betas and product, stored
+        # in float32; k-diffusion's sigmas are computed from it
+        self.ldm_alphas_cumprod = self.alphas_cumprod if zero_snr else \
+            torch.cumprod(1 - make_betas(name, timesteps, beta_start, beta_end, torch.float64), 0).float()
+        self.ldm_sigmas = ((1 - self.ldm_alphas_cumprod) / self.ldm_alphas_cumprod) ** 0.5
         # alpha-bar "after" the last step: 1 (clean data), or alpha-bar_0 as SD's set_alpha_to_one=False has it
         self.final_alpha_cumprod = float(final_alpha_cumprod)
 

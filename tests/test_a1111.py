@@ -1,0 +1,175 @@
+"""A1111's seeds and schedules: the Philox generator against CUDA's draws, the k-diffusion discretisations and
+samplers against k-diffusion's own functions (the package A1111 samples with, test-only), variation seeds and
+per-image seeds, on the tiny SD 1.x of test_sd."""
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanosd
+from nanosd.samplers import k_sigmas, sampler
+from nanosd.seeds import ImageNoise, Philox, slerp
+from test_sd import tiny_reference
+
+pytest.importorskip("diffusers")
+
+
+def k_diffusion():
+    """k-diffusion's sampling and external modules, without its package's heavy imports (torchvision, skimage,
+    clip): its two helpers the modules need, and stubs for the ODE/SDE packages only its adaptive and Brownian
+    samplers use."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed (make install puts it in, --no-deps)")
+    root = Path(spec.submodule_search_locations[0])
+    package = types.ModuleType("kd")
+    package.__path__ = [str(root)]
+    utils = types.ModuleType("kd.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    utils.append_zero = lambda x: torch.cat([x, x.new_zeros([1])])
+    sys.modules.update({"kd": package, "kd.utils": utils})
+    for stub in ("torchdiffeq", "torchsde"):
+        sys.modules.setdefault(stub, types.SimpleNamespace(odeint=None, BrownianInterval=object))
+    loaded = {}
+    for name in ("sampling", "external"):
+        s = importlib.util.spec_from_file_location(f"kd.{name}", root / f"{name}.py")
+        loaded[name] = sys.modules[f"kd.{name}"] = importlib.util.module_from_spec(s)
+        s.loader.exec_module(loaded[name])
+    return loaded["sampling"], loaded["external"]
+
+
+def test_philox_is_cudas_randn():
+    # torch.manual_seed(0); torch.randn(3, 4, device="cuda") on an NVIDIA GPU
+    cuda = [[-0.92466259, -0.42534415, -2.6438457, 0.14518388],
+            [-0.12086647, -0.57972564, -0.62285119, -0.32838709],
+            [-1.07454228, -0.36314407, -1.67105067, 2.26550508]]
+    assert torch.allclose(Philox(0).randn((3, 4)), torch.tensor(cuda), atol=1e-6)
+    g = Philox(0)
+    first, second = g.randn((4, 8, 8)), g.randn((4, 8, 8))
+    assert not torch.allclose(first, second) and g.offset == 2  # each draw moves the offset on
+    assert torch.equal(Philox(0).randn((4, 8, 8))[0, 0, :4], first[0, 0, :4])
+    big = Philox(2**32 + 5).randn((16,))  # the seed's high half is the key's second word
+    assert not torch.allclose(big, Philox(5).randn((16,)))
+    many = Philox(123).randn((4, 64, 64))
+    assert abs(many.mean()) < 0.03 and abs(many.std() - 1) < 0.02
+
+
+def test_k_discretisations_equal_k_diffusions():
+    sampling, external = k_diffusion()
+    pipe_schedule = nanosd.schedule.Schedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    wrap = external.DiscreteEpsDDPMDenoiser(None, pipe_schedule.ldm_alphas_cumprod, quantize=False)
+    smin, smax = wrap.sigmas[0].item(), wrap.sigmas[-1].item()
+    for n in (1, 7, 20):
+        expect = {"uniform": wrap.get_sigmas(n), "karras": sampling.get_sigmas_karras(n, smin, smax),
+                  "exponential": sampling.get_sigmas_exponential(n, smin, smax),
+                  "polyexponential": sampling.get_sigmas_polyexponential(n, smin, smax),
+                  "sgm_uniform": torch.cat([wrap.t_to_sigma(torch.linspace(
+                      wrap.sigma_to_t(torch.tensor(smax)), wrap.sigma_to_t(torch.tensor(smin)), n + 1)[:-1]),
+                      torch.zeros(1)])}
+        for kind, sig in expect.items():
+            assert torch.allclose(k_sigmas(pipe_schedule, n, kind), sig, rtol=1e-5), (kind, n)
+        t = sampler("Euler").steps(pipe_schedule, n, a1111=True).t  # fractional timesteps, k-diffusion's
+        assert torch.allclose(t, wrap.sigma_to_t(wrap.get_sigmas(n)[:-1]), atol=1e-3)
+    ays = k_sigmas(pipe_schedule, 10, "align_your_steps")  # NVIDIA's SD 1.5 table at its own length + 0
+    assert ays[0].item() == pytest.approx(14.615) and ays[-2].item() == pytest.approx(0.029) and ays[-1] == 0
+    assert len(k_sigmas(pipe_schedule, 25, "align_your_steps")) == 26
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    _, folder = tiny_reference(tmp_path_factory.mktemp("sd"))
+    return nanosd.load(folder)
+
+
+@pytest.mark.parametrize("name,schedule", [("Euler", None), ("Euler a", None), ("DPM++ 2M", None),
+                                           ("DPM++ 2M", "Exponential"), ("Euler", "Karras"), ("Heun", "SGM Uniform")])
+def test_samplers_equal_k_diffusion_in_a1111_mode(sd, name, schedule):
+    sampling, external = k_diffusion()
+    seed, steps, size = 7, 6, 64
+    r = nanosd.Request("a red cat", steps=steps, sampler=name, scheduler=schedule, cfg_scale=6.0, seed=seed,
+                       height=size, width=size, batch_size=2, noise="a1111", output="latent").resolve(sd)
+    ours = sd(r).images
+    cond, uncond = sd.encode_prompts(r)
+    eps = sd.denoiser(cond, uncond, r.cfg_scale)
+
+    class Eps(torch.nn.Module):  # the model as A1111 gives it to k-diffusion: eps from (x_t, t)
+        def forward(self, x, t):
+            return eps(x, t[0])
+
+    model = external.DiscreteEpsDDPMDenoiser(Eps(), sd.schedule.ldm_alphas_cumprod, quantize=False)
+    sigmas = k_sigmas(sd.schedule, steps, r.sampler.k if r.sampler.schedule == "automatic" else r.sampler.schedule)
+    f = sd.factor_ae
+    rng = ImageNoise((4, size // f, size // f), [seed, seed + 1], factor=f)  # A1111: image i of a batch has seed + i
+    x = rng.first() * sigmas[0]
+    fn = {"Euler": sampling.sample_euler, "Euler a": sampling.sample_euler_ancestral, "Heun": sampling.sample_heun,
+          "DPM++ 2M": sampling.sample_dpmpp_2m}[name]
+    extra = {"noise_sampler": lambda s, s_next: rng.randn_like(x)} if name == "Euler a" else {}
+    theirs = fn(model, x, sigmas, disable=True, **extra)
+    assert (ours - theirs).abs().max() < 1e-4 * max(1, theirs.abs().max())
+    assert (ours[0] - ours[1]).abs().mean() > 0.1  # two images, two seeds
+
+
+def test_per_image_seeds_variation_seeds_and_seed_resize(sd):
+    base = dict(steps=3, sampler="Euler a", cfg_scale=5.0, height=64, width=64, noise="a1111", output="latent")
+    batch = sd.generate("a dog", seed=10, batch_size=3, **base).images
+    for i in range(3):  # image i of a batch is the image of seed + i made alone
+        alone = sd.generate("a dog", seed=10 + i, **base).images
+        assert (batch[i] - alone[0]).abs().max() < 1e-4, (batch[i] - alone[0]).abs().max()
+    # a variation: slerp of the seed's noise toward the variation seed's; 0 is the seed's, 1 the variation seed's
+    a = sd.generate("a dog", seed=10, **base).images
+    none = sd.generate("a dog", seed=10, subseed=99, subseed_strength=0.0, **base).images
+    full = sd.generate("a dog", seed=10, subseed=99, subseed_strength=1.0, **base).images
+    some = sd.generate("a dog", seed=10, subseed=99, subseed_strength=0.3, **base).images
+    assert torch.equal(a, none) and not torch.allclose(a, full, atol=1e-3) and not torch.allclose(a, some, atol=1e-3)
+    n10, n99 = Philox(10).randn((4, 8, 8)), Philox(99).randn((4, 8, 8))
+    assert torch.allclose(ImageNoise((4, 8, 8), [10], subseeds=[99], subseed_strength=1.0).first()[0], n99, atol=1e-5)
+    mid = ImageNoise((4, 8, 8), [10], subseeds=[99], subseed_strength=0.3).first()[0]
+    assert torch.allclose(mid, slerp(0.3, n10, n99))
+    assert abs(mid.std() - 1) < 0.15  # slerp keeps the noise's scale (a lerp would shrink it)
+    # a variation batch: one seed for all, the variation seed + i
+    var = sd.generate("a dog", seed=10, subseed=99, subseed_strength=0.3, batch_size=2, **base)
+    assert "Seed: 10" in var.infotext(1) and "Variation seed: 100" in var.infotext(1)
+    # seed resize from 32x32: the 32x32 noise centred in the 64x64 one
+    noise = ImageNoise((4, 8, 8), [5], resize_from=(32, 32)).first()[0]
+    assert torch.equal(noise[:, 2:6, 2:6], Philox(5).randn((4, 4, 4)))
+    # ENSD reseeds the ancestral noise only
+    e = sd.generate("a dog", seed=10, eta_noise_seed_delta=31337, **base)
+    assert not torch.allclose(e.images, a, atol=1e-4) and "ENSD: 31337" in e.infotext()
+    cpu = sd.generate("a dog", seed=10, rng="CPU", **base)
+    assert not torch.allclose(cpu.images, a, atol=1e-3) and "RNG: CPU" in cpu.infotext()
+
+
+def test_a1111_infotexts_and_refusals(sd):
+    made = sd.generate("a cat", seed=3, steps=2, sampler="DPM++ 2M", height=64, width=64, noise="a1111")
+    assert made.infotext() == "a cat\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 64x64"
+    made = sd.generate("a cat", seed=3, steps=2, sampler="Euler", height=64, width=64)  # diffusers' seeding says so
+    assert made.infotext().endswith("Seed mode: diffusers")
+    for fields, words in ((dict(subseed_strength=0.5), "noise='a1111'"), (dict(rng="CPU"), "noise='a1111'"),
+                          (dict(sampler="Euler", scheduler="Exponential"), "A1111's schedule types"),
+                          (dict(sampler="DDIM", scheduler="Karras", noise="a1111"), "its own timesteps"),
+                          (dict(scheduler="Wobbly"), "unknown schedule type"), (dict(rng="TPU", noise="a1111"), "TPU"),
+                          (dict(sampler="DPM++ 2M Karras", scheduler="Exponential"), "give one")):
+        with pytest.raises(ValueError, match=words):
+            sd.generate("a cat", steps=2, height=64, width=64, **fields)
+    # "DPM++ 2M Karras" (A1111 before 1.9) is DPM++ 2M with schedule type Karras
+    assert sampler("DPM++ 2M Karras") == sampler("DPM++ 2M", "Karras") and sampler("Euler", "SGM Uniform").schedule == "sgm_uniform"
+
+
+def test_hires_fix(sd):
+    base = dict(seed=4, steps=3, sampler="Euler", height=64, width=64, noise="a1111")
+    for upscaler in ("Latent", "Lanczos"):
+        made = sd.generate("a cat", hires=nanosd.Hires(scale=1.5, upscaler=upscaler, steps=2, strength=0.6), **base)
+        assert made.images[0].size == (96, 96)
+        text = made.infotext()
+        assert "Size: 64x64" in text and "Hires upscale: 1.5" in text and f"Hires upscaler: {upscaler}" in text
+        assert "Denoising strength: 0.6" in text and "Hires steps: 2" in text
+    low = sd.generate("a cat", **base).images[0].resize((96, 96))
+    high = sd.generate("a cat", hires=nanosd.Hires(scale=1.5), **base).images[0]
+    assert low.size == high.size and low.tobytes() != high.tobytes()
+    with pytest.raises(ValueError, match="hires upscaler"):
+        sd.generate("a cat", hires=nanosd.Hires(upscaler="ESRGAN_4x"), **base)
+    assert math.isclose(nanosd.Hires(resize_x=100).size(64, 64, 8)[1], 96)
