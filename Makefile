@@ -12,6 +12,7 @@ PVL_MINUTES ?= 10
 
 install:
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1  # A1111's samplers, for the tests (its deps are heavy)
 
 demo: install
 	nanosd train configs/mnist-text.toml --out $(RUN) --minutes $(MINUTES)

@@ -27,14 +27,16 @@ def cmd_train(a):
 def cmd_generate(a):
     from .images import save_grid, save_png, to_pil
     from .pipeline import load
+    from .request import Hires
     from .run import is_run
 
     control_flags(a)
+    replay = replayed(a)
     pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema, config=a.config,
                 family=a.family, prediction=a.prediction)
     pipe.progress = True
     add_loras(pipe, a)
-    prompt, n, nrow = a.prompt, a.n or (16 if is_run(a.model) else 1), None
+    prompt, n, nrow = a.prompt or replay.pop("prompt", None), a.n or (16 if is_run(a.model) else 1), None
     if a.prompts:  # a row of --n images for each line of the file
         if a.prompt:
             raise ValueError("give a prompt or --prompts FILE, not both")
@@ -42,18 +44,29 @@ def cmd_generate(a):
         prompt, nrow = [p for p in lines for _ in range(n)], n
     width, height = _size(a.size, "--size") or (None, None)
     original, crop = _size(a.original_size, "--original-size"), _size(a.crop, "--crop")
-    kw = dict(batch_size=n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=a.seed, eta=a.eta,
-              clip_skip=a.clip_skip, height=height, width=width, output="tensor", autoguidance=a.autoguidance,
-              guidance_rescale=a.guidance_rescale, original_size=original and original[::-1],
-              crops_coords_top_left=crop and crop[::-1], aesthetic_score=a.aesthetic_score,
-              control=controls(pipe, a))
+    resize_w, resize_h = _size(a.seed_resize_from, "--seed-resize-from") or (None, None)
+    hires = {k: v for k, v in (("scale", a.hires_scale), ("upscaler", a.hires_upscaler), ("steps", a.hires_steps),
+                               ("strength", a.hires_strength)) if v is not None}
+    given = dict(steps=a.steps, sampler=a.sampler, scheduler=a.scheduler, cfg_scale=a.cfg, seed=a.seed, eta=a.eta,
+                 clip_skip=a.clip_skip, height=height, width=width, autoguidance=a.autoguidance,
+                 guidance_rescale=a.guidance_rescale, original_size=original and original[::-1],
+                 crops_coords_top_left=crop and crop[::-1], aesthetic_score=a.aesthetic_score, noise=a.seed_mode,
+                 rng=a.rng, subseed=a.subseed, subseed_strength=a.subseed_strength, seed_resize_from_w=resize_w,
+                 seed_resize_from_h=resize_h, eta_noise_seed_delta=a.ensd,
+                 hires=Hires(**{**vars(replay.get("hires") or Hires()), **hires}) if hires else None,
+                 negative_prompt=a.negative)
+    kw = {**replay, **{k: v for k, v in given.items() if v is not None}}  # flags given win over the image's
+    negative, strength = kw.pop("negative_prompt", None), kw.pop("strength", None)  # an image's: img2img's only
+    strength = getattr(a, "strength", None) if getattr(a, "strength", None) is not None else strength
+    kw.update(batch_size=n, output="tensor", control=controls(pipe, a))
     image = open_image(a.image) if getattr(a, "image", None) else None
     if a.command == "img2img":
-        made = pipe.img2img(image, prompt, a.negative, strength=a.strength, **kw)
+        made = pipe.img2img(image, prompt, negative, strength=0.75 if strength is None else strength, **kw)
     elif a.command == "inpaint":
-        made = pipe.inpaint(image, open_image(a.mask), prompt, a.negative, strength=a.strength, overlay=a.overlay, **kw)
+        made = pipe.inpaint(image, open_image(a.mask), prompt, negative, strength=1.0 if strength is None else strength,
+                            overlay=a.overlay, **kw)
     else:
-        made = pipe.generate(prompt, a.negative, image=image, **kw)
+        made = pipe.generate(prompt, negative, image=image, **kw)
     images, name = made.images, Path(a.model).stem if Path(a.model).is_file() else Path(a.model).name
     out = Path(a.out)
     if a.out.endswith("/") or out.is_dir():
@@ -72,6 +85,39 @@ def cmd_generate(a):
         else:
             save_grid(images, out, made.infotext(0, name), nrow=nrow)
             print(f"wrote a grid of {len(images)} images to {out}")
+
+
+def replayed(a) -> dict:
+    """--from IMAGE: the Request fields its `parameters` give (A1111's or nanosd's); what they cannot replay (the
+    model, LoRA hashes, ControlNet units, keys nanosd does not know) is said, one note each."""
+    from .images import read_parameters
+    from .request import from_infotext
+
+    if not a.from_image:
+        return {}
+    fields, rest = from_infotext(read_parameters(open_image(a.from_image), a.from_image))
+    name = Path(a.model).stem if Path(a.model).is_file() else Path(a.model).name
+    for key, value in rest.items():
+        if (key, value) == ("Model", name):  # made with this model
+            continue
+        warnings.warn(f"{a.from_image}: {key}: {value} is not replayed (load that model, LoRA or ControlNet yourself)")
+    return fields
+
+
+def cmd_info(a):
+    from .images import read_parameters
+    from .request import from_infotext
+
+    text = read_parameters(open_image(a.image), a.image)
+    fields, rest = from_infotext(text)
+    print(text)
+    print("\nreplayed by `nanosd generate MODEL --from IMAGE`:")
+    for k, v in fields.items():
+        print(f"  {k} = {v!r}")
+    if rest:
+        print("not replayed (the model, LoRAs, ControlNet units, or keys nanosd does not know):")
+        for k, v in rest.items():
+            print(f"  {k}: {v}")
 
 
 def add_loras(pipe, a, merge=False):
@@ -266,9 +312,27 @@ def main(argv=None):
         g.add_argument("--autoguidance", type=float, help="run folders trained with train.guide_at: the step away "
                                                           "from the early weights (1: off; default: the run's)")
         g.add_argument("--seed", type=int)
+        g.add_argument("--from", dest="from_image", help="replay an A1111 (or nanosd) image: its PNG parameters give "
+                                                          "the prompt, seed, sampler, size, ...; flags given win")
+        g.add_argument("--seed-mode", choices=["diffusers", "a1111"],
+                       help="diffusers (default): one generator for the batch, as diffusers draws; a1111: A1111's "
+                            "seeds (a generator per image, seed + i) and k-diffusion's schedules, so that an A1111 "
+                            "seed gives its picture")
+        g.add_argument("--scheduler", help="the schedule type: Automatic, Karras, Exponential, SGM Uniform, "
+                                           "Align Your Steps, ... (A1111's; most need --seed-mode a1111)")
+        g.add_argument("--rng", choices=["GPU", "CPU", "NV"], help="A1111's RNG source (default GPU: CUDA's, on any "
+                                                                  "device)")
+        g.add_argument("--subseed", type=int, help="A1111's variation seed")
+        g.add_argument("--subseed-strength", type=float, help="how far toward the variation seed's noise (0-1)")
+        g.add_argument("--seed-resize-from", help="A1111's: WIDTHxHEIGHT the seed's noise was drawn at")
+        g.add_argument("--ensd", type=int, help="A1111's eta noise seed delta (ancestral samplers)")
+        g.add_argument("--hires-scale", type=float, help="A1111's hires fix: upscale by this (2), then redraw")
+        g.add_argument("--hires-upscaler", help="Latent (default), Latent (bicubic), Latent (nearest), ..., Lanczos")
+        g.add_argument("--hires-steps", type=int, help="the redraw's steps (default: --steps)")
+        g.add_argument("--hires-strength", type=float, help="the redraw's denoising strength (0.7)")
         g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's, or the input image's)")
-        g.add_argument("--clip-skip", type=int, default=1, help="A1111's Clip skip: 2 reads CLIP's penultimate layer")
-        g.add_argument("--guidance-rescale", type=float, default=0.0,
+        g.add_argument("--clip-skip", type=int, help="A1111's Clip skip: 2 reads CLIP's penultimate layer (1)")
+        g.add_argument("--guidance-rescale", type=float,
                        help="diffusers' guidance_rescale (zero-terminal-SNR fine-tunes: about 0.7)")
         g.add_argument("--original-size", help="SDXL's size conditioning: WIDTHxHEIGHT (default: the output's)")
         g.add_argument("--crop", help="SDXL's crop conditioning: LEFTxTOP (default: 0x0)")
@@ -301,14 +365,14 @@ def main(argv=None):
     g.add_argument("model", help=model_help)
     g.add_argument("image")
     g.add_argument("prompt", nargs="?")
-    g.add_argument("--strength", type=float, default=0.75, help="how much of the schedule to redo (0-1]")
+    g.add_argument("--strength", type=float, help="how much of the schedule to redo (0-1]; default 0.75")
     sampling(g, image=False)
     g = sub.add_parser("inpaint", help="fill the white part of MASK in IMAGE")
     g.add_argument("model", help=model_help)
     g.add_argument("image")
     g.add_argument("mask", help="white = the hole to fill, black = keep")
     g.add_argument("prompt", nargs="?", help="the prompt, for text-conditioned models")
-    g.add_argument("--strength", type=float, default=1.0)
+    g.add_argument("--strength", type=float, help="default 1")
     g.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=None,
                    help="paste the original pixels back outside the mask (A1111's overlay; default: the run's "
                         "sample.inpaint_overlay)")
@@ -337,6 +401,11 @@ def main(argv=None):
                                                               "alwayson_scripts.controlnet; repeatable)")
     load_options(sv)
     sv.set_defaults(fn=cmd_serve)
+
+    i = sub.add_parser("info", help="the generation parameters an A1111 or nanosd image carries, and what "
+                                    "--from replays of them")
+    i.add_argument("image")
+    i.set_defaults(fn=cmd_info)
 
     ci = sub.add_parser("control-image", help="a ControlNet's control image from a picture (canny edges, ...)")
     ci.add_argument("image")

@@ -45,6 +45,18 @@ def png_info(parameters: str) -> PngImagePlugin.PngInfo:
     return info
 
 
+def read_parameters(image: Image.Image, where="the image") -> str:
+    """The `parameters` an A1111 or nanosd image carries (a PNG text chunk, or a JPEG/WebP's EXIF UserComment)."""
+    text = image.info.get("parameters")
+    if text is None and hasattr(image, "getexif"):
+        comment = image.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD: UserComment, as A1111 writes JPEG/WebP
+        if isinstance(comment, bytes):
+            text = comment[8:].decode("utf-16-be" if comment[:8] == b"UNICODE\0" else "latin-1", "replace")
+    if not text:
+        raise ValueError(f"{where} carries no generation parameters (A1111's PNG `parameters` chunk)")
+    return text.strip("\0")
+
+
 def save_png(image: Image.Image, path, parameters: str | None = None):
     with atomic_path(Path(path)) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(parameters) if parameters else None)

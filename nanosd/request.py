@@ -2,6 +2,8 @@
 from the model and validates once (each refusal one line naming the field and the fix); the resolved request is
 what sampling reads and what the infotext (A1111's PNG `parameters`) is written from."""
 import dataclasses
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,6 +268,70 @@ class Request:
                     **{f"ControlNet {i}": f'"{unit.infotext()}"' for i, unit in enumerate(self.control)},
                     **({} if a1111 else {"Seed mode": "diffusers"})}
         return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in settings.items())])
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # Key: value, or Key: "quoted, value"
+# infotext keys -> Request fields (with their types); the hires keys and Size go to Hires and width/height
+_FIELDS = {"Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
+           "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
+           "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+           "ENSD": ("eta_noise_seed_delta", int), "RNG": ("rng", str), "Guidance rescale": ("guidance_rescale", float),
+           "Autoguidance": ("autoguidance", float), "Denoising strength": ("strength", float)}
+_HIRES = {"Hires upscale": ("scale", float), "Hires steps": ("steps", int), "Hires upscaler": ("upscaler", str)}
+
+
+def parse_infotext(text: str) -> dict:
+    """A1111's `parameters` text as a dict: "Prompt", "Negative prompt", then every "Key: value" of its last line
+    (quoted values unquoted), in order."""
+    *lines, last = text.strip().split("\n")
+    params = _PARAM.findall(last)
+    if len(params) < 3:  # not a settings line: part of the prompt
+        lines, params = lines + [last], []
+    prompt, negative = [], []
+    for line in lines:
+        if line.startswith("Negative prompt:") or negative:
+            negative.append(line.removeprefix("Negative prompt:").strip() if not negative else line)
+        else:
+            prompt.append(line)
+    out = {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip()}
+    for key, value in params:
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value.strip()
+    return out
+
+
+def from_infotext(text: str) -> tuple[dict, dict]:
+    """Request fields for an A1111 (or nanosd) infotext, and what it says that a request cannot replay (the model,
+    LoRA hashes, ControlNet units, keys nanosd does not know), by key. An image without "Seed mode" was seeded as
+    A1111 seeds: it is replayed so."""
+    parsed = parse_infotext(text)
+    fields = {"prompt": parsed.pop("Prompt") or None, "negative_prompt": parsed.pop("Negative prompt") or None,
+              "noise": "diffusers" if parsed.pop("Seed mode", "") == "diffusers" else "a1111"}
+    hires, rest = {}, {}
+    for key, value in parsed.items():
+        try:
+            if key in _FIELDS:
+                name, kind = _FIELDS[key]
+                fields[name] = kind(value)
+            elif key in _HIRES:
+                hires[_HIRES[key][0]] = _HIRES[key][1](value)
+            elif key in ("Size", "Seed resize from", "Hires resize"):
+                w, h = (int(v) for v in value.split("x"))
+                names = {"Size": ("width", "height"), "Seed resize from": ("seed_resize_from_w", "seed_resize_from_h"),
+                         "Hires resize": ("resize_x", "resize_y")}[key]
+                (hires if key == "Hires resize" else fields).update(dict(zip(names, (w, h))))
+            else:
+                rest[key] = value
+        except ValueError:
+            raise ValueError(f"infotext {key}: {value!r} is not what A1111 writes there") from None
+    if hires:
+        hires["strength"] = fields.pop("strength", 0.7)
+        fields["hires"] = Hires(**hires)
+    return fields, rest
 
 
 @dataclass

@@ -269,7 +269,7 @@ def test_cli_generates_img2img_inpaints_and_converts(sd, tmp_path, capsys):
     assert im.size == (64, 64)
     assert im.text["parameters"].splitlines() == [
         "a (red:1.2) house", "Negative prompt: blurry",
-        "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1, Size: 64x64, Model: sd"]
+        "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1, Size: 64x64, Model: sd, Seed mode: diffusers"]
     mask = Image.new("L", (64, 64))
     mask.paste(255, (16, 16, 48, 48))
     mask.save(tmp_path / "mask.png")
