@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .images import as_tensor
+from .images import as_tensor, fit
 from .io import load_into, read_checkpoint, save_tensors
 from . import preprocess
 from .preprocess import control_image, control_images, to_image
@@ -141,10 +141,10 @@ class Control:
                 w, h = image.size
                 s = self.processor_res / min(w, h)
                 image = image.resize((round(w * s), round(h * s)), Image.LANCZOS)
-                image = _fit(to_image(control_image(image, self.module, None, self.a, self.b)), width, height,
+                image = fit(to_image(control_image(image, self.module, None, self.a, self.b)), width, height,
                              self.resize)
             else:  # fit, then detect at the output's size (A1111's pixel perfect)
-                image = _fit(image, width, height, self.resize)
+                image = fit(image, width, height, self.resize)
                 if self.module != "none":
                     image = torch.from_numpy(control_image(image, self.module, mask, self.a, self.b)).permute(2, 0, 1)
         elif self.module != "none":
@@ -167,20 +167,6 @@ class Control:
         return (f"Module: {self.module}, Model: {model}, Weight: {self.scale:g}, Resize Mode: {RESIZE[self.resize]}"
                 f"{extra}, Guidance Start: {self.start:g}, Guidance End: {self.end:g}, "
                 f"Pixel Perfect: {self.processor_res is None}, Control Mode: {MODES[self.mode]}")
-
-
-def _fit(image: Image.Image, width, height, resize) -> Image.Image:
-    """A picture brought to width x height: stretched, covered and center-cropped, or fitted and padded."""
-    if image.size == (width, height):
-        return image
-    if resize == "just":
-        return image.resize((width, height), Image.LANCZOS)
-    w, h = image.size
-    s = (max if resize == "crop" else min)(width / w, height / h)
-    scaled = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
-    canvas = Image.new("RGB", (width, height))
-    canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))  # crop: negative offsets
-    return canvas
 
 
 def residuals(controls, hints, x, t, cond, step, total, guided):

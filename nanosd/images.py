@@ -45,6 +45,21 @@ def png_info(parameters: str) -> PngImagePlugin.PngInfo:
     return info
 
 
+def fit(image: Image.Image, width, height, resize="just") -> Image.Image:
+    """A picture brought to width x height (A1111's resize modes): stretched ("just"), covered and center-cropped
+    ("crop"), or fitted and padded ("fill")."""
+    if image.size == (width, height):
+        return image
+    if resize == "just":
+        return image.resize((width, height), Image.LANCZOS)
+    w, h = image.size
+    s = (max if resize == "crop" else min)(width / w, height / h)
+    scaled = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+    canvas = Image.new(image.mode if image.mode in ("L", "RGB") else "RGB", (width, height))
+    canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))  # crop: negative offsets
+    return canvas
+
+
 def read_parameters(image: Image.Image, where="the image") -> str:
     """The `parameters` an A1111 or nanosd image carries (a PNG text chunk, or a JPEG/WebP's EXIF UserComment)."""
     text = image.info.get("parameters")

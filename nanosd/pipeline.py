@@ -3,8 +3,10 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from . import adapters
@@ -187,16 +189,17 @@ class Pipeline:
                              f"{expect[1]}x{expect[0]} here: resize it")
         image = image * 2 - 1 if c.concat != "edges" else (image > 0.5).float()
         if mask is not None:
-            mask = self._mask(mask, image)
+            mask = (self._mask(mask, image) >= 0.5).float()
         latent = (size[0] // self.factor_ae, size[1] // self.factor_ae)
         return self.conditioner.spatial(image, mask, latent, generator).float().cpu().expand(n, -1, -1, -1)
 
     def _mask(self, mask, image):
+        """The mask in [0, 1] at the image's size (soft where blurred; the hole is where it is >= 1/2)."""
         mask = self._image(mask, tuple(image.shape[-2:]), "mask", 1)
         if mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} px but the image is "
                              f"{image.shape[-1]}x{image.shape[-2]}: give a mask of the image's size")
-        return (mask >= 0.5).float()
+        return mask
 
     def generate(self, prompt=None, negative_prompt=None, *, image=None, mask=None, callback=None, **fields):
         """Images for a prompt (a list: one image each) as a Generation (.images, and .request: what made them).
@@ -260,12 +263,46 @@ class Pipeline:
                 tagged.append(adapters.cached(self, name))
                 tagged[-1].weights = {"text": text_w, "unet": unet_w}
                 adapters.attach(self, tagged[-1])
-            made = self._generate(r, callback) if r.hires is None else self._hires(r, callback)
+            made = self._hires(r, callback) if r.hires is not None else self._masked(r, callback) \
+                if r.mask is not None else self._generate(r, callback)
             made.lora_hashes = {lora.name: lora.hash for lora in tagged}
             return made
         finally:
             for lora in reversed(tagged):
                 adapters.detach(self, lora)
+
+    def _masked(self, r: Request, callback=None) -> Generation:
+        """A1111's inpainting options around the one sampling path: the mask inverted and blurred (the blur softens
+        the paste-back; the hole is where the blurred mask is at least half), the hole pre-filled from its
+        surroundings ("fill"), and "only masked" (inpaint_full_res): the mask's box, padded and widened to the
+        request's aspect, cut out, inpainted at the request's size, and pasted back through the blurred mask."""
+        if not (r.mask_blur or r.inpainting_mask_invert or r.inpainting_fill == "fill" or r.inpaint_full_res):
+            return self._generate(r, callback)
+        mask = r.mask if isinstance(r.mask, Image.Image) else torch.as_tensor(r.mask, dtype=torch.float32)
+        if not isinstance(mask, Image.Image) and mask.numel() != mask.shape[-1] * mask.shape[-2]:
+            raise ValueError("A1111's inpainting options take one mask for the batch: give a single mask")
+        mask = (mask if isinstance(mask, Image.Image) else to_pil(mask.reshape(1, *mask.shape[-2:]))).convert("L")
+        if r.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        if r.mask_blur:  # A1111's kernel for a blur of sigma px
+            k = 2 * int(2.5 * r.mask_blur + 0.5) + 1
+            mask = Image.fromarray(cv2.GaussianBlur(np.asarray(mask), (k, k), r.mask_blur))
+        image = r.init.convert("RGB") if isinstance(r.init, Image.Image) else r.init
+        if r.inpainting_fill == "fill":
+            image = fill_hole(to_pil(as_tensor(image, 3, "image")[0]) if not isinstance(image, Image.Image) else image,
+                              mask)
+        if not r.inpaint_full_res:
+            return self._generate(dataclasses.replace(r, init=image, mask=mask), callback)
+        box = crop_region(mask, r.inpaint_full_res_padding, r.width, r.height)
+        inner = dataclasses.replace(r, init=image.crop(box).resize((r.width, r.height), Image.LANCZOS),
+                                    mask=mask.crop(box).resize((r.width, r.height), Image.LANCZOS), output="tensor")
+        made = self._generate(inner, callback)
+        out = []
+        for im in made.images:  # pasted back, then the original over it where the blurred mask keeps it
+            pasted = image.copy()
+            pasted.paste(to_pil(im).resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+            out.append(Image.composite(pasted, image, mask))
+        return Generation(out if r.output == "pil" else torch.cat([as_tensor(im, 3, "image") for im in out]), r)
 
     def _hires(self, r: Request, callback=None) -> Generation:
         """A1111's hires fix: the image at the request's size, upscaled, then redrawn as img2img: `hr steps` steps,
@@ -308,11 +345,13 @@ class Pipeline:
         concat = self.conditioner.cfg.concat if self.conditioner else ""
         # the generator's draws, in diffusers' order: E(image), the noise, E(masked image), the sampler's
         pixels = (self._image(r.init, size, "image") * 2 - 1) if r.init is not None else None
-        m = self._mask(r.mask, pixels) if r.mask is not None else None
+        soft = self._mask(r.mask, pixels) if r.mask is not None else None  # the overlay's; the hole is >= 1/2
+        m = (soft >= 0.5).float() if soft is not None else None
         inpainting = m is not None
         blend = inpainting and (not concat or self.cfg.sample.inpaint_blend)
         if r.init is not None and (not inpainting or r.strength < 1 or blend):
             x0 = self.to_model_space(pixels, g)
+        fill = inpainting and r.inpainting_fill in ("latent noise", "latent nothing")
         ch = self.cfg.unet.in_channels
         draws = g  # where the samplers' fresh noise comes from
         if r.latents is not None:
@@ -325,7 +364,11 @@ class Pipeline:
         else:
             noise = torch.randn((n, ch, *latent_size), generator=g)
         x0 = x0.expand(n, -1, -1, -1) if x0 is not None else None
-        x = spec.start(sched, noise, x0 if x0 is not None and (not inpainting or r.strength < 1) else None)
+        if fill and x0 is not None:  # A1111's latent noise / latent nothing: the hole starts from noise, or zeros
+            hole = torch.nn.functional.interpolate(m, size=latent_size).round()
+            start = x0 * (1 - hole) + (noise if r.inpainting_fill == "latent noise" else 0) * hole
+        x = spec.start(sched, noise, (start if fill and x0 is not None else x0)
+                       if x0 is not None and (not inpainting or r.strength < 1) else None)
         if concat:
             image = (pixels + 1) / 2 if inpainting else r.image
             cond = dict(cond or {}, concat=self.spatial_condition(image, m, n, size, g))
@@ -365,7 +408,7 @@ class Pipeline:
             return Generation(z, r)
         images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1).cpu()
         if inpainting and r.overlay:
-            images = m * images + (1 - m) * (pixels + 1) / 2  # the decoder's error outside the hole undone
+            images = soft * images + (1 - soft) * (pixels + 1) / 2  # the decoder's error outside the hole undone
         return Generation(images if r.output == "tensor" else [to_pil(im) for im in images], r)
 
     def to_model_space(self, pixels, generator=None):
@@ -396,6 +439,38 @@ class Pipeline:
                 out = out + torch.nn.functional.pad(part * ramp, pad)
                 weight = weight + torch.nn.functional.pad(ramp, pad)
         return out / weight
+
+
+def fill_hole(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill": the hole painted with its surroundings, blurred ever less (the kept pixels spread inward)."""
+    kept = np.asarray(image.convert("RGB"), dtype=np.float32) * (keep := 1 - np.asarray(mask, np.float32)[..., None] / 255)
+    out = np.zeros_like(kept)
+    for sigma, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blur = (lambda a: cv2.GaussianBlur(a, (0, 0), sigma)) if sigma else (lambda a: a)
+        colour, weight = blur(kept), blur(np.ascontiguousarray(keep[..., 0]))[..., None]
+        colour = colour / np.maximum(weight, 1e-6)  # the average of the kept pixels nearby
+        for _ in range(repeats):  # composited over what is there, as A1111's alpha_composite of the blurred copy
+            out = colour * weight + out * (1 - weight)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple:
+    """A1111's "only masked" box: the mask's bounding box plus padding, widened to width:height within the image."""
+    box = mask.point(lambda v: 255 if v > 0 else 0).getbbox()
+    if box is None:
+        raise ValueError("the mask is empty: paint the area to inpaint white")
+    W, H = mask.size
+    x1, y1, x2, y2 = max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, W), min(box[3] + padding, H)
+    w, h = x2 - x1, y2 - y1
+    if w / h < width / height:  # too tall: widen
+        grow = min(round(h * width / height) - w, W - w)
+        x1 = max(0, min(x1 - grow // 2, W - w - grow))
+        x2 = x1 + w + grow
+    else:  # too wide: heighten
+        grow = min(round(w * height / width) - h, H - h)
+        y1 = max(0, min(y1 - grow // 2, H - h - grow))
+        y2 = y1 + h + grow
+    return x1, y1, x2, y2
 
 
 def _starts(n, tile, overlap):

@@ -16,6 +16,7 @@ from .seeds import SOURCES
 
 OUTPUTS = ("pil", "tensor", "latent")
 NOISES = ("diffusers", "a1111")
+FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0-3: what starts the hole
 UPSCALERS = {"Latent": "bilinear", "Latent (antialiased)": "bilinear-antialiased", "Latent (bicubic)": "bicubic",
              "Latent (bicubic antialiased)": "bicubic-antialiased", "Latent (nearest)": "nearest",
              "Latent (nearest-exact)": "nearest-exact", "Lanczos": "lanczos", "Nearest": "nearest-pixels"}
@@ -92,6 +93,13 @@ class Request:
     seed_resize_from_h: int = 0
     eta_noise_seed_delta: int = 0  # A1111's ENSD: the ancestral samplers' noise seeded with seed + this
     hires: Hires | None = None  # A1111's hires fix (text-to-image only)
+    # A1111's inpainting options: the mask blurred (px) and inverted, what the hole starts from (FILLS), and "only
+    # masked": the mask's region plus padding inpainted at the request's size, then pasted back
+    mask_blur: int = 0
+    inpainting_mask_invert: bool = False
+    inpainting_fill: str = "original"
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 0
 
     def resolve(self, model) -> "Request":
         """A copy with every default taken from `model` (a Pipeline) and every field checked against it; resolving
@@ -123,6 +131,19 @@ class Request:
             raise ValueError(f"rng {self.rng!r}: choose one of {', '.join(SOURCES)}")
         if not 0 <= self.subseed_strength <= 1:
             raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength}")
+        inpainting = {"mask_blur": self.mask_blur != 0, "inpainting_mask_invert": self.inpainting_mask_invert,
+                      "inpainting_fill": self.inpainting_fill != "original", "inpaint_full_res": self.inpaint_full_res,
+                      "inpaint_full_res_padding": self.inpaint_full_res_padding != 0}
+        if self.mask is None and any(inpainting.values()):
+            raise ValueError(f"{next(k for k, v in inpainting.items() if v)} is an inpainting option: give a mask too")
+        if self.inpainting_fill not in FILLS:
+            raise ValueError(f"inpainting_fill {self.inpainting_fill!r}: one of {', '.join(FILLS)}")
+        if not 0 <= self.mask_blur <= 64 or self.inpaint_full_res_padding < 0:
+            raise ValueError(f"mask_blur must be from 0 to 64 px and the padding >= 0, got {self.mask_blur} and "
+                             f"{self.inpaint_full_res_padding}")
+        if self.inpaint_full_res and (self.output == "latent" or not isinstance(self.init, Image.Image)):
+            raise ValueError("inpaint_full_res (only masked) pastes the result into the image: give the image as a PIL "
+                             "image and an image output")
         if self.hires is not None:
             self.hires.check()
             if self.init is not None or self.output == "latent":
@@ -259,6 +280,11 @@ class Request:
                     **({"Denoising strength": self.strength} if self.init is not None and self.strength < 1 else {}),
                     **({"Denoising strength": h.strength} if h else {}),
                     **({"Clip skip": self.clip_skip} if self.clip_skip != 1 else {}),
+                    **({"Mask blur": self.mask_blur} if self.mask_blur else {}),
+                    **({"Masked content": self.inpainting_fill} if self.mask is not None and
+                       self.inpainting_fill != "original" else {}),
+                    **({"Inpaint area": "Only masked", "Masked area padding": self.inpaint_full_res_padding}
+                       if self.inpaint_full_res else {}),
                     **({"ENSD": self.eta_noise_seed_delta} if self.eta_noise_seed_delta and spec.eta else {}),
                     **({"RNG": self.rng} if self.rng != "GPU" else {}),
                     **({"Hires upscale": h.scale} if h and not (h.resize_x or h.resize_y) else {}),
