@@ -241,21 +241,27 @@ def restore(pipe):
 def short_hash(path) -> str:
     """A1111's LoRA hash: SHA-256 of a .safetensors file's tensor data (after its header: the "addnet" hash, blind
     to metadata edits) or of the whole file otherwise; its first 12 hex digits. Read once per file version."""
+    return file_hash(path, tensors_only=True)[:12]
+
+
+def file_hash(path, tensors_only=False) -> str:
+    """SHA-256 of a file (A1111's checkpoint hash: its first 10 hex digits), or of a .safetensors file's tensor
+    data alone; read once per file version."""
     st = Path(path).stat()
-    return _short_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, tensors_only)
 
 
 @functools.lru_cache(maxsize=256)
-def _short_hash(path, size, mtime_ns) -> str:
+def _sha256(path, size, mtime_ns, tensors_only) -> str:
     import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if str(path).endswith(".safetensors"):
+        if tensors_only and str(path).endswith(".safetensors"):
             f.seek(8 + int.from_bytes(f.read(8), "little"))
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:12]
+    return h.hexdigest()
 
 
 def tags(prompts) -> list[tuple[str, float, float]]:

@@ -59,9 +59,18 @@ def cmd_generate(a):
     negative, strength = kw.pop("negative_prompt", None), kw.pop("strength", None)  # an image's: img2img's only
     strength = getattr(a, "strength", None) if getattr(a, "strength", None) is not None else strength
     kw.update(batch_size=n, output="tensor", control=controls(pipe, a))
+    if a.command in ("inpaint", "outpaint"):  # A1111's inpainting options, where given
+        kw.update({k: v for k, v in (("mask_blur", a.mask_blur), ("inpainting_fill", a.fill),
+                                     ("inpaint_full_res", a.only_masked or None), ("inpaint_full_res_padding", a.padding),
+                                     ("inpainting_mask_invert", a.invert_mask or None)) if v is not None})
     image = open_image(a.image) if getattr(a, "image", None) else None
+    if a.command == "outpaint" and not a.size:  # the canvas's size, not the image's
+        kw.pop("height", None), kw.pop("width", None)
     if a.command == "img2img":
         made = pipe.img2img(image, prompt, negative, strength=0.75 if strength is None else strength, **kw)
+    elif a.command == "outpaint":
+        made = pipe.outpaint(image, prompt, negative, left=a.left, right=a.right, up=a.up, down=a.down,
+                             **({"strength": strength} if strength is not None else {}), **kw)
     elif a.command == "inpaint":
         made = pipe.inpaint(image, open_image(a.mask), prompt, negative, strength=1.0 if strength is None else strength,
                             overlay=a.overlay, **kw)
@@ -241,7 +250,7 @@ def cmd_serve(a):
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, family=a.family, prediction=a.prediction,
           config=a.config, loras=a.lora, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
-          controlnet_dirs=a.controlnet_dir or ())
+          controlnet_dirs=a.controlnet_dir or (), models_dir=a.models_dir, outdir=a.outdir)
 
 
 def cmd_eval(a):
@@ -377,6 +386,26 @@ def main(argv=None):
                    help="paste the original pixels back outside the mask (A1111's overlay; default: the run's "
                         "sample.inpaint_overlay)")
     sampling(g, image=False)
+
+    def inpainting(g):
+        g.add_argument("--mask-blur", type=int, help="blur the mask by this many px (a soft seam; outpaint: 8)")
+        g.add_argument("--fill", choices=["fill", "original", "latent noise", "latent nothing"],
+                       help="A1111's masked content: what the hole starts from (original; outpaint: fill)")
+        g.add_argument("--only-masked", action="store_true", help="A1111's inpaint area \"only masked\": inpaint the "
+                                                                  "mask's box at --size, then paste it back")
+        g.add_argument("--padding", type=int, help="only masked: px around the mask's box (0)")
+        g.add_argument("--invert-mask", action="store_true", help="inpaint the black part instead")
+
+    inpainting(g)
+    g = sub.add_parser("outpaint", help="extend IMAGE on chosen sides and paint the new area")
+    g.add_argument("model", help=model_help)
+    g.add_argument("image")
+    g.add_argument("prompt", nargs="?", help="the prompt, for text-conditioned models")
+    for side in ("left", "right", "up", "down"):
+        g.add_argument(f"--{side}", type=int, default=0, help=f"px to add on the {side}")
+    g.add_argument("--strength", type=float, help="default 1")
+    inpainting(g)
+    sampling(g, image=False)
     g = sub.add_parser("upscale", help="super-resolve IMAGE (a super-resolution model)")
     g.add_argument("model", help="a run folder")
     g.add_argument("image", help="the low-resolution image")
@@ -397,6 +426,9 @@ def main(argv=None):
     sv.add_argument("--host", default="127.0.0.1", help="any other than 127.0.0.1 needs --api-key")
     sv.add_argument("--port", type=int, default=7860)
     sv.add_argument("--api-key", help="every request must then carry it (X-API-Key header)")
+    sv.add_argument("--models-dir", help="more checkpoints (files, run folders, diffusers folders): A1111's "
+                                         "sd_model_checkpoint option switches among them")
+    sv.add_argument("--outdir", default="outputs", help="where requests with save_images write (A1111's outputs/)")
     sv.add_argument("--controlnet-dir", action="append", help="ControlNets the API's units name (A1111's "
                                                               "alwayson_scripts.controlnet; repeatable)")
     load_options(sv)

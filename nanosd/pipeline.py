@@ -224,6 +224,16 @@ class Pipeline:
         pixels back outside the mask after decoding, as A1111 does, so that they are exactly the image's."""
         return self(Request(prompt, negative_prompt, init=image, mask=mask, strength=strength, **fields), callback)
 
+    def outpaint(self, image, prompt=None, negative_prompt=None, *, left=0, right=0, up=0, down=0, callback=None,
+                 **fields):
+        """Extend the canvas on the chosen sides (px, each rounded up to the model's multiple) and inpaint the new
+        area: A1111's outpainting, as inpainting with the hole pre-filled from the image's edge ("fill") and the seam
+        blurred (mask_blur, default 8 px); whole-canvas inpainting (inpaint_full_res off)."""
+        canvas, mask = extend_canvas(image, left, right, up, down, self.factor)
+        fields = {"inpainting_fill": "fill", "mask_blur": 8, **fields}
+        return self(Request(prompt, negative_prompt, init=canvas, mask=mask, strength=fields.pop("strength", 1.0),
+                            **fields), callback)
+
     def load_lora(self, path, weight=1.0, merge=False):
         """Patch the U-Net and text encoders with a LoRA file (kohya/A1111 or diffusers/PEFT), at `weight`; several
         may be loaded, each with its own weight. merge=True adds it into the weights (faster sampling)."""
@@ -439,6 +449,26 @@ class Pipeline:
                 out = out + torch.nn.functional.pad(part * ramp, pad)
                 weight = weight + torch.nn.functional.pad(ramp, pad)
         return out / weight
+
+
+def extend_canvas(image: Image.Image, left=0, right=0, up=0, down=0, factor=8):
+    """The image on a larger canvas (each added side rounded up so both sides are multiples of `factor`; the new
+    area black) and the outpainting mask (white = the new area)."""
+    if min(left, right, up, down) < 0 or not (left or right or up or down):
+        raise ValueError("outpaint: give how many px to add on at least one side (left, right, up, down >= 0)")
+    image = image.convert("RGB")
+    w, h = image.size
+
+    def rounded(size, a, b):  # the sides' px grown so that the canvas is a multiple of factor (b's side if neither)
+        pad = -(size + a + b) % factor
+        return (a + pad // 2, b + pad - pad // 2) if a and b else (a + pad, b) if a else (a, b + pad)
+
+    (left, right), (up, down) = rounded(w, left, right), rounded(h, up, down)
+    W, H = w + left + right, h + up + down
+    canvas, mask = Image.new("RGB", (W, H)), Image.new("L", (W, H), 255)
+    canvas.paste(image, (left, up))
+    mask.paste(0, (left, up, left + w, up + h))
+    return canvas, mask
 
 
 def fill_hole(image: Image.Image, mask: Image.Image) -> Image.Image:

@@ -253,7 +253,7 @@ class Request:
             return [(self.seed, self.subseed)] * n
         return [(self.seed + (0 if self.subseed_strength else i), sub + i) for i in range(n)]
 
-    def infotext(self, index=0, model="") -> str:
+    def infotext(self, index=0, model="", model_hash="") -> str:
         """A resolved request in A1111's `parameters` format: the prompt, 'Negative prompt: ...', then
         'Steps: 20, Sampler: ..., Schedule type: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...'. A1111-seeded
         images write what A1111 writes; diffusers-seeded ones say so ("Seed mode: diffusers"), since A1111 would
@@ -272,7 +272,8 @@ class Request:
                     **({"CFG scale": self.cfg_scale} if self.guided else {}),
                     **({"Autoguidance": self.autoguidance} if self.autoguidance != 1.0 else {}),
                     **({"Guidance rescale": self.guidance_rescale} if self.guidance_rescale else {}),
-                    "Seed": seed, "Size": f"{self.width}x{self.height}", **({"Model": model} if model else {}),
+                    "Seed": seed, "Size": f"{self.width}x{self.height}",
+                    **({"Model hash": model_hash} if model_hash else {}), **({"Model": model} if model else {}),
                     **({"Variation seed": subseed, "Variation seed strength": self.subseed_strength}
                        if self.subseed_strength else {}),
                     **({"Seed resize from": f"{self.seed_resize_from_w}x{self.seed_resize_from_h}"}
@@ -367,8 +368,8 @@ class Generation:
     request: Request
     lora_hashes: dict = dataclasses.field(default_factory=dict)  # the prompt tags' LoRAs: name -> A1111's short hash
 
-    def infotext(self, index=0, model="") -> str:
-        text = self.request.infotext(index, model)
+    def infotext(self, index=0, model="", model_hash="") -> str:
+        text = self.request.infotext(index, model, model_hash)
         if self.lora_hashes:  # as A1111 writes them
             text += ', Lora hashes: "' + ", ".join(f"{k}: {v}" for k, v in self.lora_hashes.items()) + '"'
         return text

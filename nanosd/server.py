@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,14 @@ from typing import Literal
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import adapters
-from .images import png_info, to_pil
-from .pipeline import Pipeline
-from .request import Request
-from .samplers import SAMPLERS, sampler
+from .adapters import file_hash
+from .images import fit, png_info, save_png, to_pil
+from .pipeline import Pipeline, extend_canvas
+from .request import FILLS, UPSCALERS, Hires, Request, parse_infotext
+from .samplers import SAMPLERS, SCHEDULE_TYPES, sampler
 
 
 @dataclass
@@ -40,23 +42,68 @@ class Limits:
     preview_every: int = 5
 
 
+ANY = object()  # any value: the field only matters to something nanosd does not have (pix2pix's image cfg)
+# A1111's request fields that nanosd has no use for, with the values that ask for nothing (webuiapi sends them all,
+# with these values): accepted at those values, refused by name at any other
+INERT = {"restore_faces": (False, None), "tiling": (False, None), "do_not_save_samples": (False, True, None),
+         "do_not_save_grid": (False, True, None), "s_churn": (0, None), "s_tmin": (0, None),
+         "s_tmax": (0, None, float("inf")), "s_noise": (1, None), "s_min_uncond": (0, None), "script_name": (None, ""),
+         "script_args": ([], None), "firstphase_width": (0, None), "firstphase_height": (0, None),
+         "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
+         "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": ("", None), "hr_negative_prompt": ("", None),
+         "refiner_checkpoint": (None, "", "None"), "refiner_switch_at": (None, 0, 1), "disable_extra_networks": (False, None),
+         "comments": (None, {}), "force_task_id": (None,), "infotext": (None, ""), "sampler_index": ANY,
+         "override_settings_restore_afterwards": (True, None), "initial_noise_multiplier": (1, None),
+         "image_cfg_scale": ANY, "include_init_images": (False, None), "latent_mask": (None,), "mask_round": (True, None)}
+
+
 class Txt2Img(BaseModel):
-    """The fields of A1111's /sdapi/v1/txt2img that nanosd supports (others are ignored, as A1111 ignores extras)."""
-    model_config = ConfigDict(extra="ignore")
+    """A1111's /sdapi/v1/txt2img: every field it has is honoured, inert at the value that asks for nothing (INERT),
+    or refused by name; an unknown field is refused."""
+    model_config = ConfigDict(extra="forbid")
     prompt: str = Field("", max_length=20_000)
     negative_prompt: str = Field("", max_length=20_000)
+    styles: list[str] = Field(default_factory=list)  # A1111's saved styles: nanosd has none (said in the info)
     steps: int = 20
     sampler_name: str | None = None
-    scheduler: str | None = None  # A1111 1.9+'s schedule type: "Automatic", or "Karras" where nanosd has it
+    scheduler: str | None = None  # A1111 1.9+'s schedule type ("Automatic": the sampler's own)
     cfg_scale: float = 7.0
     seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
     n_iter: int = 1
     eta: float | None = None
-    clip_skip: int = 1
+    clip_skip: int | None = None  # nanosd's; A1111 takes it as the option CLIP_stop_at_last_layers
+    denoising_strength: float | None = None  # txt2img: the hires fix's (0.7)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    override_settings: dict = Field(default_factory=dict)  # options for this request (GET /sdapi/v1/options)
+    send_images: bool = True
+    save_images: bool = False
     alwayson_scripts: dict = Field(default_factory=dict)  # A1111's extensions' arguments: ControlNet's here
+
+    @model_validator(mode="before")
+    @classmethod
+    def inert(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("sampler_index") and not data.get("sampler_name"):  # A1111's older name for it
+            data["sampler_name"] = data["sampler_index"]
+        for name, ok in INERT.items():
+            if name in data and ok is not ANY and data[name] not in ok:
+                raise ValueError(f"{name} {data[name]!r}: nanosd has no use for it; send {ok[0]!r} or leave it out")
+            data.pop(name, None)
+        return data
 
 
 class ControlUnit(BaseModel):
@@ -87,8 +134,18 @@ class ControlUnit(BaseModel):
 
 class Img2Img(Txt2Img):
     init_images: list[str] = Field(min_length=1, max_length=1)
+    resize_mode: int = 0  # A1111's: 0 just resize, 1 crop and resize, 2 resize and fill
     mask: str | None = None
     denoising_strength: float = 0.75
+    # inpainting (with a mask; A1111 reads them only then): see Request
+    mask_blur: int | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # A1111's API default: only masked
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    outpaint: list[int] | None = Field(None, min_length=4, max_length=4)  # the page's: px added left, right, up, down
 
 
 class Refused(ValueError):
@@ -112,12 +169,27 @@ class Job:
     error: str = ""
     cancel: bool = False
     resolved: Request | None = None  # the pipeline's request, as checked (the seed drawn when it said -1)
+    pipe: Pipeline | None = None  # the checkpoint it runs on
+    model: tuple = ("", "")  # that checkpoint's name and hash, for the infotext
+
+
+OPTIONS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "GPU",
+           "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "samples_format": "png"}  # A1111's, that nanosd has
+MODEL_FILES = (".safetensors", ".ckpt")
 
 
 class Server:
-    def __init__(self, pipe: Pipeline, model: str, limits: Limits | None = None, controlnet_dirs=()):
-        self.pipe, self.model, self.limits = pipe, model, limits or Limits()
+    def __init__(self, pipe: Pipeline, model: str, limits: Limits | None = None, controlnet_dirs=(), models_dir=None,
+                 loader=None, model_path=None, outdir="outputs"):
+        self.limits = limits or Limits()
         self.controlnet_dirs, self.controlnets = list(controlnet_dirs), {}  # stem -> ControlNet, loaded once
+        # the checkpoints: the one served, and those of --models-dir (A1111's sd_model_checkpoint switches among them)
+        self.models_dir, self.loader, self.outdir = Path(models_dir) if models_dir else None, loader, Path(outdir)
+        self.served = (model, Path(model_path) if model_path else None)
+        self.options = dict(OPTIONS, sd_model_checkpoint=self.title(model, self.served[1]))
+        # title -> Pipeline: the current one, and the last one a request's override_settings asked for
+        self.pipes = {self.options["sd_model_checkpoint"]: pipe}
+        self.load_lock = threading.Lock()
         self.jobs: dict[int, Job] = {}
         self.queue: deque[Job] = deque()
         self.current: Job | None = None
@@ -125,55 +197,141 @@ class Server:
         self.finished: deque = deque(maxlen=1024)  # job ids in the order they ended
         self.ids, self.gallery_ids = itertools.count(1), itertools.count(1)
         self.wake = threading.Condition()
-        self.min_side = min(64, pipe.cfg.data.size)
         threading.Thread(target=self.worker, daemon=True).start()
 
+    @property
+    def pipe(self) -> Pipeline:
+        return self.pipes[self.options["sd_model_checkpoint"]]
+
+    # --- checkpoints and options (A1111's sd-models, options, override_settings) ---
+    @staticmethod
+    def title(name, path):
+        """A1111's title: "name.safetensors [hash]", the hash the first 10 hex digits of the file's SHA-256."""
+        return f"{path.name} [{file_hash(path)[:10]}]" if path and path.is_file() else name
+
+    def checkpoints(self) -> dict:
+        """title -> (name, path or None) for every checkpoint the server can switch to."""
+        found = {self.title(*self.served): self.served}
+        if self.models_dir and self.models_dir.is_dir():
+            for f in sorted(self.models_dir.iterdir()):
+                if f.suffix in MODEL_FILES or (f / "config.toml").is_file() or (f / "unet").is_dir():
+                    found[self.title(f.stem if f.is_file() else f.name, f)] = (f.stem if f.is_file() else f.name, f)
+        return found
+
+    def checkpoint(self, name: str) -> str:
+        """The title of the checkpoint `name` names (its title, file name, or stem), or a 400."""
+        for title, (stem, path) in self.checkpoints().items():
+            if name in (title, stem, path.name if path else stem):
+                return title
+        raise Refused(f"sd_model_checkpoint {name!r}: no such checkpoint (GET /sdapi/v1/sd-models lists them)")
+
+    def pipe_for(self, title: str) -> Pipeline:
+        """The checkpoint's pipeline, loaded once (the current one and the last one asked for stay loaded)."""
+        with self.load_lock:
+            if title not in self.pipes:
+                if self.loader is None:
+                    raise Refused(f"sd_model_checkpoint {title!r}: this server was started without --models-dir")
+                pipe = self.loader(self.checkpoints()[title][1])
+                for old in [t for t in self.pipes if t != self.options["sd_model_checkpoint"]]:
+                    del self.pipes[old]
+                self.pipes[title] = pipe
+            return self.pipes[title]
+
+    def settings(self, changes: dict, where="override_settings") -> dict:
+        """The options with `changes` applied, each checked (an option nanosd does not have is a 400)."""
+        unknown = [k for k in changes if k not in OPTIONS]
+        if unknown:
+            raise Refused(f"{where}: nanosd has no option {', '.join(map(repr, unknown))} (it has "
+                          f"{', '.join(OPTIONS)})")
+        out = {**self.options, **changes}
+        if "sd_model_checkpoint" in changes:
+            out["sd_model_checkpoint"] = self.checkpoint(str(changes["sd_model_checkpoint"]))
+        if out["randn_source"] not in ("GPU", "CPU", "NV"):
+            raise Refused(f"randn_source {out['randn_source']!r}: one of GPU, CPU, NV")
+        for name in ("CLIP_stop_at_last_layers", "eta_noise_seed_delta"):
+            if not isinstance(out[name], int) or out[name] < (1 if name.startswith("CLIP") else 0):
+                raise Refused(f"{name} {out[name]!r} must be a whole number (Clip skip from 1; ENSD from 0)")
+        if out["sd_vae"] not in ("Automatic", "None") or out["samples_format"] != "png":
+            raise Refused("sd_vae: nanosd uses the checkpoint's own VAE (\"Automatic\"; --vae at load); "
+                          "samples_format: png")
+        return out
+
     # --- checking requests at the edge ---
-    def check(self, r: Txt2Img, kind: str) -> Request:
+    def check(self, r: Txt2Img, kind: str) -> tuple[Request, Pipeline]:
         """The service's limits, then the pipeline's own validation of the request (the same as the API's and the
-        CLI's); anything refused is a 400 naming the field."""
+        CLI's); anything refused is a 400 naming the field. Requests are seeded as A1111 seeds them."""
         lim = self.limits
-        size = self.pipe.cfg.data.size
+        settings = self.settings(r.override_settings)
+        pipe = self.pipe_for(settings["sd_model_checkpoint"])
+        size = pipe.cfg.data.size
         w, h = (size if v is None else v for v in (r.width, r.height))
         for name, side in (("width", w), ("height", h)):
-            if not self.min_side <= side <= lim.max_side:  # the model's factor: Request.resolve checks it
-                raise Refused(f"{name} {side} must be from {self.min_side} to {lim.max_side}")
+            if not min(64, size) <= side <= lim.max_side:  # the model's factor: Request.resolve checks it
+                raise Refused(f"{name} {side} must be from {min(64, size)} to {lim.max_side}")
         if not 1 <= r.steps <= lim.max_steps:
             raise Refused(f"steps {r.steps} must be from 1 to {lim.max_steps}")
         if not 0 <= r.cfg_scale <= lim.max_cfg:
             raise Refused(f"cfg_scale {r.cfg_scale} must be from 0 to {lim.max_cfg}")
         if not 1 <= r.batch_size * r.n_iter <= lim.max_batch or r.batch_size < 1 or r.n_iter < 1:
             raise Refused(f"batch_size x n_iter must be from 1 to {lim.max_batch}")
-        if not 1 <= r.clip_skip <= 4:
-            raise Refused(f"clip_skip {r.clip_skip} must be from 1 to 4")
-        request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps,
-                          sampler=self.scheduled(r.sampler_name, r.scheduler),
-                          cfg_scale=r.cfg_scale, seed=r.seed if r.seed >= 0 else None, height=h, width=w,
-                          batch_size=r.batch_size, eta=r.eta, clip_skip=r.clip_skip, output="tensor",
-                          control=self.controls(r.alwayson_scripts))
-        if kind == "img2img":
-            image = self.decode_image(r.init_images[0], "init image")
-            request.init = image if image.size == (w, h) else image.convert("RGB").resize((w, h), Image.LANCZOS)
-            request.strength = r.denoising_strength
-            if r.mask:
-                request.mask = self.decode_image(r.mask, "mask").convert("L").resize((w, h), Image.NEAREST)
+        clip_skip = settings["CLIP_stop_at_last_layers"] if r.clip_skip is None else r.clip_skip
+        if not 1 <= clip_skip <= 4:
+            raise Refused(f"clip_skip {clip_skip} must be from 1 to 4")
+        schedule = None if (r.scheduler or "automatic").lower() == "automatic" else r.scheduler
         try:
-            return request.resolve(self.pipe)
+            spec = sampler(r.sampler_name or pipe.cfg.sample.sampler, schedule)
         except ValueError as e:
             raise Refused(str(e)) from None
-
-    def scheduled(self, name, schedule):
-        """A1111 1.9+ sends the schedule apart from the sampler ("DPM++ 2M" + "Karras"): the sampler nanosd has for
-        the pair, or a 400 naming the schedule (never the plain schedule in its place)."""
-        if schedule is None or schedule.lower() in ("", "automatic"):  # webuiapi sends "automatic"
-            return name
-        base = sampler(name or self.pipe.cfg.sample.sampler).a1111
+        # A1111 reads eta only where the sampler has one; webuiapi sends its default, 1, with every request
+        eta = None if r.eta == 1.0 and "eta" not in spec.options else r.eta
+        hires = None
+        if r.enable_hr and kind == "txt2img":
+            if r.hr_upscaler in (None, "None"):
+                raise Refused("hr_upscaler None: give one (GET /sdapi/v1/upscalers, /sdapi/v1/latent-upscale-modes)")
+            hires = Hires(r.hr_scale, r.hr_upscaler, r.hr_second_pass_steps, r.denoising_strength or 0.7,
+                          r.hr_resize_x, r.hr_resize_y)
+        request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps, sampler=r.sampler_name,
+                          scheduler=schedule, cfg_scale=r.cfg_scale, seed=r.seed if r.seed >= 0 else None,
+                          height=h, width=w, batch_size=r.batch_size, eta=eta, clip_skip=clip_skip, output="tensor",
+                          control=self.controls(r.alwayson_scripts), noise="a1111", rng=settings["randn_source"],
+                          eta_noise_seed_delta=settings["eta_noise_seed_delta"],
+                          subseed=r.subseed if r.subseed >= 0 else None, subseed_strength=r.subseed_strength,
+                          seed_resize_from_w=max(r.seed_resize_from_w, 0), seed_resize_from_h=max(r.seed_resize_from_h, 0),
+                          hires=hires)
+        if kind == "img2img":
+            if r.resize_mode not in (0, 1, 2):
+                raise Refused(f"resize_mode {r.resize_mode}: nanosd has 0 (just resize), 1 (crop and resize), "
+                              "2 (resize and fill)")
+            image = self.decode_image(r.init_images[0], "init image").convert("RGB")
+            if r.outpaint:  # a larger canvas, its new area the mask: inpainted at the canvas's size
+                if r.mask:
+                    raise Refused("outpaint makes its own mask: give no mask")
+                try:
+                    image, mask = extend_canvas(image, *r.outpaint, pipe.factor)
+                except ValueError as e:
+                    raise Refused(str(e)) from None
+                r = r.model_copy(update={"inpaint_full_res": False})  # the whole canvas
+                request.width, request.height = w, h = image.size
+                if max(w, h) > lim.max_side:
+                    raise Refused(f"the outpainted canvas {w}x{h} is over {lim.max_side} px")
+            request.init = fit(image, w, h, ("just", "crop", "fill")[r.resize_mode])
+            request.strength = r.denoising_strength
+            if r.mask or r.outpaint:
+                blur = (r.mask_blur_x, r.mask_blur_y) if r.mask_blur is None else (r.mask_blur,) * 2
+                if blur[0] != blur[1]:
+                    raise Refused(f"mask_blur_x {blur[0]} and mask_blur_y {blur[1]}: nanosd blurs both ways alike")
+                if r.inpainting_fill not in (0, 1, 2, 3):
+                    raise Refused(f"inpainting_fill {r.inpainting_fill}: 0 fill, 1 original, 2 latent noise, "
+                                  "3 latent nothing")
+                request.mask = mask if r.outpaint else fit(self.decode_image(r.mask, "mask").convert("L"), w, h,
+                                                           ("just", "crop", "fill")[r.resize_mode])
+                request.mask_blur, request.inpainting_fill = blur[0], FILLS[r.inpainting_fill]
+                request.inpaint_full_res, request.inpaint_full_res_padding = r.inpaint_full_res, r.inpaint_full_res_padding
+                request.inpainting_mask_invert = bool(r.inpainting_mask_invert)
         try:
-            return sampler(f"{base.removesuffix(' Karras')} {schedule}").a1111
-        except ValueError:
-            have = [s.a1111 for s in SAMPLERS.values() if s.karras]
-            raise Refused(f"scheduler {schedule!r} with sampler {base!r}: nanosd has it only as "
-                          f"{', '.join(have)} (or scheduler \"Automatic\")") from None
+            return request.resolve(pipe), pipe
+        except ValueError as e:
+            raise Refused(str(e)) from None
 
     def controls(self, scripts: dict) -> list:
         """ControlNet units (A1111's extension's request shape) as Controls; any other script is refused."""
@@ -272,11 +430,15 @@ class Server:
 
     # --- the queue ---
     def submit(self, request: Txt2Img, kind: str) -> Job:
-        resolved = self.check(request, kind)
+        resolved, pipe = self.check(request, kind)
+        title = next(t for t, p in self.pipes.items() if p is pipe)
+        name, path = self.checkpoints().get(title, (title, None))
         with self.wake:
             if len(self.queue) >= self.limits.max_queue:
                 raise Refused(f"the queue is full ({self.limits.max_queue} waiting): try again later")
-            job = Job(next(self.ids), request, kind, total=request.steps * request.n_iter, resolved=resolved)
+            hires = resolved.hires.steps or resolved.steps if resolved.hires else 0
+            job = Job(next(self.ids), request, kind, total=(resolved.steps + hires) * request.n_iter,
+                      resolved=resolved, pipe=pipe, model=(name, file_hash(path)[:10] if path and path.is_file() else ""))
             self.jobs[job.id] = job
             self.queue.append(job)
             self.wake.notify()
@@ -314,13 +476,21 @@ class Server:
         r = job.resolved
         try:
             for it in range(job.request.n_iter):  # A1111's seeds: the next batch starts batch_size further on
-                made = self.pipe(dataclasses.replace(r, seed=r.seed + it * r.batch_size), self.progress(job, it))
+                step = r.batch_size * (0 if r.subseed_strength else 1)  # a variation batch keeps the seed
+                made = job.pipe(dataclasses.replace(r, seed=r.seed + it * step, subseed=(r.subseed or 0) +
+                                                    it * r.batch_size if r.subseed is not None else None),
+                                self.progress(job))
                 for i, im in enumerate(made.images):
-                    info = made.infotext(i, self.model)
+                    info = made.infotext(i, *job.model)
                     buf = io.BytesIO()
                     to_pil(im).save(buf, format="PNG", pnginfo=png_info(info))
                     job.images.append((buf.getvalue(), info))
                     self.gallery.append((next(self.gallery_ids), buf.getvalue(), info))
+                    if job.request.save_images:  # as A1111 files them: outputs/txt2img-images/DATE/NNNNN-SEED.png
+                        folder = self.outdir / f"{job.kind}-images" / time.strftime("%Y-%m-%d")
+                        folder.mkdir(parents=True, exist_ok=True)
+                        seed = made.request.image_seeds()[i][0]
+                        save_png(to_pil(im), folder / f"{len(list(folder.glob('*.png'))):05d}-{seed}.png", info)
             job.state = "done"
         except Cancelled:
             job.state = "cancelled"
@@ -328,21 +498,22 @@ class Server:
             job.state, job.error = "error", str(e).splitlines()[0] if str(e) else type(e).__name__
         job.step = job.total if job.state == "done" else job.step
 
-    def progress(self, job: Job, iteration: int):
+    def progress(self, job: Job):
         every = self.limits.preview_every
 
         def callback(i, t, x, x0):
             if job.cancel:
                 raise Cancelled()
-            job.step = iteration * job.request.steps + min(i + 1, job.request.steps)
+            job.step = min(job.step + 1, job.total)  # every step of every pass (the hires fix has two)
             if (i + 1) % every == 0:
-                job.preview = self.preview(x0[0])
+                job.preview = self.preview(job.pipe, x0[0])
         return callback
 
-    def preview(self, z: torch.Tensor) -> bytes:
+    @staticmethod
+    def preview(pipe, z: torch.Tensor) -> bytes:
         """The predicted x_0 as a small PNG, as cheaply as the model allows (Pipeline.preview)."""
         buf = io.BytesIO()
-        to_pil(self.pipe.preview(z)).save(buf, format="PNG")
+        to_pil(pipe.preview(z)).save(buf, format="PNG")
         return buf.getvalue()
 
     def status(self, job: Job) -> dict:
@@ -376,12 +547,12 @@ class KeyCheck:
 
 
 def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key: str | None = None,
-               controlnet_dirs=()):
+               controlnet_dirs=(), models_dir=None, loader=None, model_path=None, outdir="outputs"):
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    server = Server(pipe, model, limits, controlnet_dirs)
+    server = Server(pipe, model, limits, controlnet_dirs, models_dir, loader, model_path, outdir)
     app = FastAPI(title="nanosd", docs_url=None, redoc_url=None)
     app.state.server = server
 
@@ -414,24 +585,103 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     def a1111_response(job: Job) -> dict:
         r, done = job.request, job.resolved
         infos = [info for _, info in job.images]
-        info = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": done.seed,
-                "all_seeds": [done.seed + i // r.batch_size * r.batch_size for i in range(len(infos))],  # one per batch
-                "sampler_name": done.sampler.a1111, "steps": r.steps, "cfg_scale": r.cfg_scale,
-                "width": done.width, "height": done.height, "infotexts": infos}
-        return {"images": [_b64(png) for png, _ in job.images], "parameters": r.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}),
+        seeds = [s for it in range(r.n_iter) for s in dataclasses.replace(
+            done, seed=done.seed + it * done.batch_size * (0 if done.subseed_strength else 1),
+            subseed=(done.subseed or 0) + it * done.batch_size).image_seeds()][:len(infos)]
+        info = {"prompt": r.prompt, "all_prompts": [r.prompt] * len(infos), "negative_prompt": r.negative_prompt,
+                "all_negative_prompts": [r.negative_prompt] * len(infos), "seed": done.seed,
+                "all_seeds": [s for s, _ in seeds], "subseed": done.subseed if done.subseed is not None else -1,
+                "all_subseeds": [s for _, s in seeds], "subseed_strength": done.subseed_strength,
+                "sampler_name": done.sampler.a1111, "scheduler": SCHEDULE_TYPES[done.sampler.schedule],
+                "steps": r.steps, "cfg_scale": r.cfg_scale, "width": done.width, "height": done.height,
+                "batch_size": r.batch_size, "seed_resize_from_w": done.seed_resize_from_w,
+                "seed_resize_from_h": done.seed_resize_from_h, "denoising_strength": r.denoising_strength,
+                "clip_skip": done.clip_skip, "sd_model_name": job.model[0], "sd_model_hash": job.model[1] or None,
+                "infotexts": infos, "styles": r.styles, "index_of_first_image": 0, "version": "nanosd",
+                # A1111 applies saved styles; nanosd has none, so they are not applied: said, not dropped
+                **({"comments": {"styles": f"nanosd has no saved styles: {', '.join(r.styles)} not applied"}}
+                   if r.styles else {})}
+        return {"images": [_b64(png) for png, _ in job.images] if r.send_images else [],
+                "parameters": r.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}),
                 "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: Request):
-        return a1111_response(await finish(server.submit(body, "txt2img"), request))
+        return a1111_response(await finish(await asyncio.to_thread(server.submit, body, "txt2img"), request))
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2Img, request: Request):
-        return a1111_response(await finish(server.submit(body, "img2img"), request))
+        return a1111_response(await finish(await asyncio.to_thread(server.submit, body, "img2img"), request))
 
     @app.get("/sdapi/v1/samplers")
-    async def samplers():
-        return [{"name": s.a1111, "aliases": [s.name], "options": {}} for s in SAMPLERS.values()]
+    async def samplers():  # as A1111 1.9+ lists them: each with its default schedule type
+        return [{"name": s.a1111, "aliases": [s.name], "options": {"scheduler": s.k} if s.k == "karras" else {}}
+                for s in SAMPLERS.values()]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return [{"name": k, "label": label, "aliases": None, "default_rho": 7.0 if k == "karras" else -1,
+                 "need_inner_model": k in ("uniform", "sgm_uniform", "simple", "normal", "ddim")}
+                for k, label in SCHEDULE_TYPES.items()]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        def listing():
+            return [{"title": title, "model_name": name, "hash": title.split(" [")[1][:-1] if " [" in title else None,
+                     "sha256": file_hash(path) if path and path.is_file() else None,
+                     "filename": str(path) if path else name, "config": None}
+                    for title, (name, path) in server.checkpoints().items()]
+        return await asyncio.to_thread(listing)
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints():  # the folder is read on every listing: nothing is stale
+        return None
+
+    @app.get("/sdapi/v1/options")
+    async def get_options():
+        return server.options
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise Refused("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise Refused("the body must be a JSON object of options")
+        new = server.settings(body, "options")
+        await asyncio.to_thread(server.pipe_for, new["sd_model_checkpoint"])  # loaded before it becomes current
+        server.options = new
+        return None
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():  # the checkpoint's own VAE only ("Automatic"); another is chosen at load (--vae)
+        return []
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():  # the hires fix's pixel upscalers (the latent ones: /sdapi/v1/latent-upscale-modes)
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in ["None"] + [u for u in UPSCALERS if not u.startswith("Latent")]]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return [{"name": u} for u in UPSCALERS if u.startswith("Latent")]
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info_(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise Refused("the body is not JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+            raise Refused("give {\"image\": base64 PNG}")
+        image = server.decode_image(body["image"], "image")
+        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        text = items.pop("parameters", "")
+        parsed = parse_infotext(text) if text else {}
+        if "Size" in parsed:  # as A1111 splits it
+            parsed["Size-1"], parsed["Size-2"] = parsed["Size"].split("x")
+        return {"info": text, "items": items, "parameters": parsed}
 
     @app.get("/sdapi/v1/loras")
     async def loras():  # as A1111 lists them: the files prompt tags <lora:NAME:W> can name
@@ -515,10 +765,13 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
     @app.get("/api/model")
     async def model_info():
-        return {"model": model, "size": pipe.cfg.data.size, "factor": pipe.factor, "min_side": server.min_side,
-                "max_side": server.limits.max_side, "prompted": pipe.prompted,
-                "sampler": sampler(pipe.cfg.sample.sampler).a1111, "steps": pipe.cfg.sample.steps,
-                "cfg_scale": pipe.cfg.condition.guidance if pipe.cfg.condition else 1.0}
+        p = server.pipe
+        return {"model": server.options["sd_model_checkpoint"], "size": p.cfg.data.size, "factor": p.factor,
+                "min_side": min(64, p.cfg.data.size), "max_side": server.limits.max_side, "prompted": p.prompted,
+                "sampler": sampler(p.cfg.sample.sampler).a1111, "steps": p.cfg.sample.steps,
+                "cfg_scale": p.cfg.condition.guidance if p.cfg.condition else 1.0,
+                "samplers": [s.a1111 for s in SAMPLERS.values()], "schedulers": list(SCHEDULE_TYPES.values()),
+                "upscalers": list(UPSCALERS)}
 
     page = (Path(__file__).parent / "index.html").read_text(encoding="utf-8")
 
@@ -530,7 +783,8 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
 
 def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None, family=None,
-          prediction=None, config=None, loras=(), lora_dirs=(), embedding_dirs=(), controlnet_dirs=()):
+          prediction=None, config=None, loras=(), lora_dirs=(), embedding_dirs=(), controlnet_dirs=(),
+          models_dir=None, outdir="outputs"):
     import uvicorn
 
     from .adapters import setup
@@ -538,10 +792,16 @@ def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits 
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise ValueError(f"--host {host} opens the server to other machines: give --api-key KEY as well")
+    def loader(path):  # a checkpoint of --models-dir, as the served one was loaded (its LoRAs and embeddings)
+        pipe = load(path, prediction=prediction)
+        setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
+        return pipe
+
+    for d in list(controlnet_dirs) + ([models_dir] if models_dir else []):
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"{d} is not a folder")
     pipe = load(model, family=family, prediction=prediction, config=config)
     setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
     name = Path(model).stem if Path(model).is_file() else Path(model).name
-    for d in controlnet_dirs:
-        if not Path(d).is_dir():
-            raise FileNotFoundError(f"--controlnet-dir {d} is not a folder")
-    uvicorn.run(create_app(pipe, name, limits, api_key, controlnet_dirs), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(pipe, name, limits, api_key, controlnet_dirs, models_dir, loader, model, outdir),
+                host=host, port=port, log_level="warning")
