@@ -654,6 +654,11 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
         server.options = new
         return None
 
+    @app.get("/sdapi/v1/scripts")
+    async def scripts():  # the scripts a request may name: ControlNet's, as an always-on script
+        names = ["controlnet"] if server.controlnet_dirs else []
+        return {"txt2img": names, "img2img": names}
+
     @app.get("/sdapi/v1/sd-vae")
     async def sd_vae():  # the checkpoint's own VAE only ("Automatic"); another is chosen at load (--vae)
         return []

@@ -81,8 +81,10 @@ def test_k_discretisations_equal_k_diffusions():
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    _, folder = tiny_reference(tmp_path_factory.mktemp("sd"))
-    return nanosd.load(folder)
+    _, folder = tiny_reference(tmp_path_factory.mktemp("sd"), vae_channels=(8, 8, 16, 16))  # f = 8, as SD's
+    pipe = nanosd.load(folder)
+    pipe.where = folder
+    return pipe
 
 
 @pytest.mark.parametrize("name,schedule", [("Euler", None), ("Euler a", None), ("DPM++ 2M", None),
@@ -173,3 +175,78 @@ def test_hires_fix(sd):
     with pytest.raises(ValueError, match="hires upscaler"):
         sd.generate("a cat", hires=nanosd.Hires(upscaler="ESRGAN_4x"), **base)
     assert math.isclose(nanosd.Hires(resize_x=100).size(64, 64, 8)[1], 96)
+
+
+def test_inpainting_options(sd):
+    from PIL import Image, ImageOps
+
+    from nanosd.pipeline import crop_region, fill_hole
+
+    x = torch.linspace(0, 1, 128)
+    picture = nanosd.images.to_pil(torch.stack([x[None].expand(128, -1), x[:, None].expand(-1, 128), 1 - x[None].expand(128, -1)]))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (80, 80, 112, 104))
+    base = dict(seed=2, steps=3, sampler="Euler", noise="a1111", output="tensor", overlay=True, height=64, width=64)
+    small, small_mask = picture.resize((64, 64)), mask.resize((64, 64))
+    plain = sd.inpaint(small, small_mask, "a cat", **base).images
+    inverted = sd.inpaint(small, ImageOps.invert(small_mask), "a cat", inpainting_mask_invert=True, **base).images
+    assert torch.equal(plain, inverted)
+    original = nanosd.images.as_tensor(small, 3, "image")
+    blurred = sd.inpaint(small, small_mask, "a cat", mask_blur=3, **base)
+    far, edge = (slice(None), slice(None), slice(0, 20), slice(0, 20)), (0, slice(None), 38, 39)
+    assert torch.allclose(blurred.images[far], original[far], atol=1 / 255)  # untouched far from the mask
+    assert not torch.allclose(blurred.images[edge], plain[edge], atol=1e-3)  # the seam is soft
+    assert "Mask blur: 3" in blurred.infotext()
+    hole = (slice(None), slice(None), slice(42, 50), slice(42, 54))
+    fills = {f: sd.inpaint(small, small_mask, "a cat", strength=0.6, inpainting_fill=f, **base).images
+             for f in ("fill", "original", "latent noise", "latent nothing")}
+    for a, b in [("fill", "original"), ("original", "latent noise"), ("latent noise", "latent nothing")]:
+        assert not torch.allclose(fills[a][hole], fills[b][hole], atol=1e-3), (a, b)
+    assert all(torch.allclose(f[far], original[far], atol=1 / 255) for f in fills.values())
+    # only masked: the mask's box (padded, widened to 1:1) inpainted at 64x64, pasted into the 128x128 picture
+    assert crop_region(mask, 4, 64, 64) == (76, 72, 116, 112)  # (80, 80, 112, 104) padded, then 32 -> 40 high
+    made = sd.inpaint(picture, mask, "a cat", inpaint_full_res=True, inpaint_full_res_padding=4,
+                      **{**base, "output": "pil"})
+    out = made.images[0]
+    assert out.size == (128, 128) and "Inpaint area: Only masked, Masked area padding: 4" in made.infotext()
+    outside = (slice(0, 60), slice(0, 128))
+    assert (torch.as_tensor(list(out.getdata()))[:60 * 128] == torch.as_tensor(list(picture.getdata()))[:60 * 128]).all()
+    inside = nanosd.images.as_tensor(out, 3, "out")[..., 84:100, 86:106]
+    assert not torch.allclose(inside, nanosd.images.as_tensor(picture, 3, "p")[..., 84:100, 86:106], atol=0.02)
+    # fill: the hole painted from its surroundings
+    red = fill_hole(Image.new("RGB", (64, 64), (200, 10, 10)), small_mask)
+    assert max(abs(a - b) for a, b in zip(red.getpixel((45, 45)), (200, 10, 10))) <= 2
+    with pytest.raises(ValueError, match="give a mask"):
+        sd.generate("a cat", mask_blur=4, **base)
+
+
+def test_replay_an_a1111_image_and_ours(sd, tmp_path):
+    from PIL import Image
+
+    from nanosd.cli import main
+    from nanosd.images import save_png
+
+    a1111 = tmp_path / "a1111.png"  # an A1111 image's parameters, as its web UI writes them
+    save_png(Image.new("RGB", (64, 64)), a1111, "a red cat\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, "
+             "Schedule type: Automatic, CFG scale: 5, Seed: 11, Size: 64x64, Model hash: 6ce0161689, Model: v1-5, "
+             "Variation seed: 4, Variation seed strength: 0.2, ENSD: 31337, Version: v1.10.1")
+    out = tmp_path / "again.png"
+    assert main(["generate", str(sd.where), "--from", str(a1111), "--out", str(out)]) == 0
+    expect = sd.generate("a red cat", "blurry", steps=3, sampler="Euler a", cfg_scale=5, seed=11, height=64, width=64,
+                         subseed=4, subseed_strength=0.2, eta_noise_seed_delta=31337, noise="a1111").images[0]
+    assert Image.open(out).tobytes() == expect.tobytes()
+    params = Image.open(out).text["parameters"]
+    assert "Seed: 11" in params and "ENSD: 31337" in params and "Seed mode" not in params
+    # a flag given wins over the image's; ours replays bit for bit, diffusers-seeded ones too
+    again = tmp_path / "again2.png"
+    assert main(["generate", str(sd.where), "--from", str(out), "--steps", "2", "--out", str(again)]) == 0
+    assert "Steps: 2" in Image.open(again).text["parameters"]
+    ours = tmp_path / "ours.png"
+    assert main(["generate", str(sd.where), "a dog", "--seed", "3", "--steps", "2", "--size", "64x64",
+                 "--out", str(ours)]) == 0
+    replayed = tmp_path / "replayed.png"
+    assert main(["generate", str(sd.where), "--from", str(ours), "--out", str(replayed)]) == 0
+    assert Image.open(ours).tobytes() == Image.open(replayed).tobytes()
+    assert main(["info", str(a1111)]) == 0
+    with pytest.raises(ValueError, match="no generation parameters"):
+        nanosd.images.read_parameters(Image.new("RGB", (4, 4)))

@@ -331,3 +331,71 @@ def test_controlnet_units_as_a1111s_extension_takes_them(model, tmp_path):
             assert status == 400, (script, out)
     finally:
         server.should_exit = True
+
+
+def test_webuiapi_client_every_call_answers_as_a1111s(model, tmp_path):
+    """webuiapi (A1111's Python client) sends every field A1111 has, at its defaults: each call answers."""
+    webuiapi = pytest.importorskip("webuiapi")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(model, models / "other")
+    app = create_app(load(model), "tiny", Limits(max_side=64, max_batch=4, max_steps=50), models_dir=models,
+                     loader=load, outdir=tmp_path / "out")
+    url, server = start(app)
+    host, port = url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=3)
+    small = dict(prompt="a cat", width=8, height=8, cfg_scale=3)
+    assert api.util_get_model_names() == ["other", "tiny"] and api.util_get_current_model() == "tiny"
+    one = api.txt2img(seed=3, **small)
+    assert one.image.size == (8, 8) and one.info["all_seeds"] == [3] and "Sampler: Euler a" in one.info["infotexts"][0]
+    # A1111's seeds: image i of a batch is seed + i, the same picture as that seed alone
+    two = api.txt2img(seed=3, batch_size=2, **small)
+    assert two.info["all_seeds"] == [3, 4] and two.images[0].tobytes() == one.image.tobytes()
+    assert two.images[1].tobytes() == api.txt2img(seed=4, **small).image.tobytes()
+    var = api.txt2img(seed=3, subseed=9, subseed_strength=0.5, batch_size=2, **small)
+    assert var.info["all_seeds"] == [3, 3] and var.info["all_subseeds"] == [9, 10]
+    assert "Variation seed: 10, Variation seed strength: 0.5" in var.info["infotexts"][1]
+    hires = api.txt2img(seed=3, enable_hr=True, hr_scale=2, hr_upscaler=webuiapi.HiResUpscaler.Latent,
+                        hr_second_pass_steps=2, denoising_strength=0.6, **small)
+    assert hires.image.size == (16, 16) and "Hires upscaler: Latent" in hires.info["infotexts"][0]
+    karras = api.txt2img(seed=3, sampler_name="DPM++ 2M", scheduler="Karras", **small)
+    assert "Schedule type: Karras" in karras.info["infotexts"][0]
+    for bad, word in ((dict(scheduler="Wobbly"), "Wobbly"), (dict(sampler_name="k_lms"), "k_lms"),
+                      (dict(restore_faces=True), "restore_faces"), (dict(tiling=True), "tiling"),
+                      (dict(override_settings={"sd_vae": "other.pt"}), "sd_vae"),
+                      (dict(override_settings={"face_restoration": True}), "face_restoration")):
+        with pytest.raises(RuntimeError) as e:  # refused by name, never ignored
+            api.txt2img(seed=3, **{**small, **bad})
+        assert e.value.args[0] in (400, 422) and word in e.value.args[1], e.value.args
+    # options, and override_settings for one request
+    assert api.get_options()["randn_source"] == "GPU"
+    clip2 = api.txt2img(seed=3, override_settings={"CLIP_stop_at_last_layers": 2, "randn_source": "CPU"}, **small)
+    assert "Clip skip: 2" in clip2.info["infotexts"][0] and "RNG: CPU" in clip2.info["infotexts"][0]
+    assert api.get_options()["randn_source"] == "GPU"  # restored afterwards, as A1111's default
+    api.set_options({"randn_source": "CPU"})
+    assert api.txt2img(seed=3, **small).image.tobytes() != one.image.tobytes()
+    api.set_options({"randn_source": "GPU"})
+    # another checkpoint of --models-dir
+    api.util_set_model("other")
+    assert api.util_get_current_model() == "other"
+    assert api.txt2img(seed=3, **small).info["sd_model_name"] == "other"
+    api.util_set_model("tiny")
+    # png-info reads the parameters back, as A1111 parses them
+    info = api.png_info(one.image)
+    assert info.parameters["Seed"] == "3" and info.parameters["Size-1"] == "8" and info.info.startswith("a cat")
+    assert {"automatic", "karras", "sgm_uniform", "align_your_steps"} <= set(api.util_get_scheduler_names())
+    assert api.get_sd_vae() == [] and {"None", "Lanczos"} <= {u["name"] for u in api.get_upscalers()}
+    assert {"Latent", "Latent (nearest)"} <= {u["name"] for u in api.get_latent_upscale_modes()}
+    api.refresh_checkpoints()
+    # img2img and inpainting with webuiapi's defaults (mask blur 4, fill, only masked)
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (2, 2, 6, 6))
+    picture = Image.new("RGB", (8, 8), (200, 200, 200))
+    for kw in ({}, {"mask_image": mask}, {"mask_image": mask, "inpaint_full_res": False, "inpainting_fill": 2}):
+        done = api.img2img(images=[picture], seed=5, denoising_strength=0.6, **small, **kw)
+        assert done.image.size == (8, 8) and "Denoising strength: 0.6" in done.info["infotexts"][0]
+    # save_images writes A1111's outputs; send_images=False answers without them
+    saved = api.txt2img(seed=3, save_images=True, send_images=False, **small)
+    assert saved.images == [] and len(list((tmp_path / "out").glob("txt2img-images/*/*-3.png"))) == 1
+    styled = api.txt2img(seed=3, styles=["cinematic"], **small)
+    assert "cinematic not applied" in styled.info["comments"]["styles"]
