@@ -88,7 +88,8 @@ def sd(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,schedule", [("Euler", None), ("Euler a", None), ("DPM++ 2M", None),
-                                           ("DPM++ 2M", "Exponential"), ("Euler", "Karras"), ("Heun", "SGM Uniform")])
+                                           ("DPM++ 2M", "Exponential"), ("DPM++ 2M", "Uniform"), ("Euler", "Karras"),
+                                           ("Heun", "SGM Uniform"), ("Euler a", "Align Your Steps")])
 def test_samplers_equal_k_diffusion_in_a1111_mode(sd, name, schedule):
     sampling, external = k_diffusion()
     seed, steps, size = 7, 6, 64
