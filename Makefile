@@ -36,6 +36,7 @@ figures: demo
 	nanosd explain reverse $(RUN) "a handwritten 3" --out docs/reverse.png
 	nanosd explain latent $(RUN) --out docs/latent.png
 	nanosd explain forward --out docs/forward.png
+	nanosd explain seeds $(RUN) "a handwritten 4" --out docs/a1111-seeds.png
 	nanosd train configs/emoji-text.toml --out runs/fig-emoji --minutes $(EMOJI_MINUTES)
 	nanosd generate runs/fig-emoji --prompts configs/emoji-text-prompts.txt --n 8 --seed 0 --out docs/emoji-grid.png
 	$(PY) benchmarks/pixel_vs_latent.py --minutes $(PVL_MINUTES) --n 500 --out runs/fig-pvl

@@ -482,10 +482,10 @@ def main(argv=None):
     vn.add_argument("--out", help="write the samples here (control/ and plain/, one folder per label)")
     vn.set_defaults(fn=cmd_eval_control)
 
-    e = sub.add_parser("explain", help="figures: forward, reverse, latent, attention, concat, size, control")
-    e.add_argument("what", choices=["forward", "reverse", "latent", "attention", "concat", "size", "control"])
+    e = sub.add_parser("explain", help="figures: forward, reverse, latent, attention, concat, size, control, seeds")
+    e.add_argument("what", choices=["forward", "reverse", "latent", "attention", "concat", "size", "control", "seeds"])
     e.add_argument("run", nargs="?", help="run folder (all but forward)")
-    e.add_argument("prompt", nargs="?", help="attention: the prompt")
+    e.add_argument("prompt", nargs="?", help="attention, reverse, seeds: the prompt")
     e.add_argument("--out", help="output PNG")
     e.set_defaults(fn=cmd_explain)
 

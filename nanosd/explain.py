@@ -248,16 +248,41 @@ def size_figure(out, run, seed=5, sides=(None, 0.5)):
     return _save(plt, fig, out)
 
 
+def seeds_figure(out, run, prompt=None, seed=1, subseed=2, steps=8):
+    """A1111's seeding on a trained model: the same prompt and seed under each schedule type (DPM++ 2M, few steps),
+    and a variation seed's pull from 0 to 1 (the slerp of two seeds' noise)."""
+    from .pipeline import load
+
+    plt = _plt()
+    pipe = load(run)
+    prompt = prompt or (pipe.grid_prompts(1) or [None])[0]
+    kinds = ("Uniform", "Karras", "Exponential", "SGM Uniform", "Align Your Steps")
+    kw = dict(steps=steps, sampler="DPM++ 2M", noise="a1111", output="tensor", batch_size=6)
+    rows = [(f"{k}", pipe.generate(prompt, scheduler=k, seed=seed, **kw).images) for k in kinds]
+    pulls = torch.linspace(0, 1, 6).tolist()
+    rows.append(("variation", torch.cat([pipe.generate(prompt, seed=seed, subseed=subseed, subseed_strength=w,
+                                                       **{**kw, "batch_size": 1}).images for w in pulls])))
+    fig, axes = plt.subplots(len(rows), 6, figsize=(7.5, 1.25 * len(rows) + 0.5), squeeze=False)
+    for r, (name, shown) in enumerate(rows):
+        for c in range(6):
+            _show(axes[r, c], shown[c] * 2 - 1, f"{pulls[c]:.1f}" if name == "variation" else
+                  (f"seed {seed + c}" if r == 0 else None))
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    fig.suptitle(f"A1111 seeding: \"{prompt}\", DPM++ 2M, {steps} steps: each schedule type (image i: seed + i),\n"
+                 f"and seed {seed} pulled toward variation seed {subseed}", fontsize=8)
+    return _save(plt, fig, out)
+
+
 def run(what, run_dir=None, out=None, prompt=None):
     if what == "forward":
         return forward_figure(out or "forward.png")
     figures = {"reverse": reverse_figure, "latent": latent_figure, "attention": attention_figure,
-               "concat": concat_figure, "size": size_figure, "control": control_figure}
+               "concat": concat_figure, "size": size_figure, "control": control_figure, "seeds": seeds_figure}
     if what not in figures:
         raise ValueError(f"unknown figure {what!r}: choose forward, {', '.join(figures)}")
     if run_dir is None:
         raise ValueError(f"explain {what} needs a run folder: nanosd explain {what} RUN")
-    extra = {"prompt": prompt} if what in ("attention", "reverse") else {}
+    extra = {"prompt": prompt} if what in ("attention", "reverse", "seeds") else {}
     return figures[what](out or Path(run_dir) / f"{what}.png", run_dir, **extra)
 
 

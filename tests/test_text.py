@@ -196,6 +196,8 @@ def test_tiny_conditioned_run_end_to_end(tmp_path, tiny_cfg, monkeypatch, encode
         shares = torch.stack([m[:len(tokens)].mean((1, 2)) for _, m in maps])  # (steps, tokens)
         assert (shares[:, 2:] > 1e-3).all()  # the words after "[CLS] a" (the empty prompt has two tokens) are seen
         assert main(["explain", "attention", str(run), prompt, "--out", str(tmp_path / "att.png")]) == 0
+        assert main(["explain", "seeds", str(run), prompt, "--out", str(tmp_path / "seeds.png")]) == 0
+        assert Image.open(tmp_path / "seeds.png").size[0] > 600
 
 
 def test_bad_prompts_get_one_line_errors(tmp_path, tiny_cfg, capsys, monkeypatch):
