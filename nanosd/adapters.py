@@ -14,7 +14,6 @@ Textual inversion: new token vectors (A1111's `.pt` `string_to_param` and `.safe
 learned_embeds, SDXL's `clip_l` + `clip_g`), appended to each text encoder's token embedding and used where the
 prompt names them.
 """
-import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,24 +243,25 @@ def short_hash(path) -> str:
     return file_hash(path, tensors_only=True)[:12]
 
 
-def file_hash(path, tensors_only=False) -> str:
+def file_hash(path, tensors_only=False, compute=True) -> str | None:
     """SHA-256 of a file (A1111's checkpoint hash: its first 10 hex digits), or of a .safetensors file's tensor
-    data alone; read once per file version."""
+    data alone; read once per file version (compute=False: None unless already read)."""
     st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, tensors_only)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, tensors_only)
+    if key not in _HASHES and compute:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            if tensors_only and str(path).endswith(".safetensors"):
+                f.seek(8 + int.from_bytes(f.read(8), "little"))
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES.get(key)
 
 
-@functools.lru_cache(maxsize=256)
-def _sha256(path, size, mtime_ns, tensors_only) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if tensors_only and str(path).endswith(".safetensors"):
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_HASHES = {}  # (path, size, mtime, tensors only) -> SHA-256: a file's version is hashed once
 
 
 def tags(prompts) -> list[tuple[str, float, float]]:

@@ -183,12 +183,14 @@ class Server:
                  loader=None, model_path=None, outdir="outputs"):
         self.limits = limits or Limits()
         self.controlnet_dirs, self.controlnets = list(controlnet_dirs), {}  # stem -> ControlNet, loaded once
-        # the checkpoints: the one served, and those of --models-dir (A1111's sd_model_checkpoint switches among them)
         self.models_dir, self.loader, self.outdir = Path(models_dir) if models_dir else None, loader, Path(outdir)
+        # the checkpoints: the one served, and those of --models-dir (A1111's sd_model_checkpoint switches among them),
+        # each known by its file (or folder) name; the options hold the current one's
         self.served = (model, Path(model_path) if model_path else None)
-        self.options = dict(OPTIONS, sd_model_checkpoint=self.title(model, self.served[1]))
-        # title -> Pipeline: the current one, and the last one a request's override_settings asked for
-        self.pipes = {self.options["sd_model_checkpoint"]: pipe}
+        self.options = dict(OPTIONS, sd_model_checkpoint=model)
+        self.pipes = {model: pipe}  # the current checkpoint's pipeline, and that of the last one a request asked for
+        if self.served[1] and self.served[1].is_file():
+            file_hash(self.served[1])  # hashed once, as A1111 hashes the checkpoint it loads
         self.load_lock = threading.Lock()
         self.jobs: dict[int, Job] = {}
         self.queue: deque[Job] = deque()
@@ -204,38 +206,42 @@ class Server:
         return self.pipes[self.options["sd_model_checkpoint"]]
 
     # --- checkpoints and options (A1111's sd-models, options, override_settings) ---
-    @staticmethod
-    def title(name, path):
-        """A1111's title: "name.safetensors [hash]", the hash the first 10 hex digits of the file's SHA-256."""
-        return f"{path.name} [{file_hash(path)[:10]}]" if path and path.is_file() else name
-
     def checkpoints(self) -> dict:
-        """title -> (name, path or None) for every checkpoint the server can switch to."""
-        found = {self.title(*self.served): self.served}
+        """name -> (title, path or None) for every checkpoint the server can switch to. A1111's title is
+        "name.safetensors [hash]", the first 10 hex digits of the file's SHA-256, known once the file was loaded
+        (hashing every file of a folder of 7 GB checkpoints would take minutes); before that, the file name."""
+        found = {self.served[0]: self.served[1]}
         if self.models_dir and self.models_dir.is_dir():
-            for f in sorted(self.models_dir.iterdir()):
-                if f.suffix in MODEL_FILES or (f / "config.toml").is_file() or (f / "unet").is_dir():
-                    found[self.title(f.stem if f.is_file() else f.name, f)] = (f.stem if f.is_file() else f.name, f)
-        return found
+            found.update({f.name: f for f in sorted(self.models_dir.iterdir())
+                          if f.suffix in MODEL_FILES or (f / "config.toml").is_file() or (f / "unet").is_dir()})
+        out = {}
+        for name, path in found.items():
+            h = file_hash(path, compute=False) if path and path.is_file() else None
+            out[name] = (f"{path.name} [{h[:10]}]" if h else path.name if path else name, path)
+        return out
 
     def checkpoint(self, name: str) -> str:
-        """The title of the checkpoint `name` names (its title, file name, or stem), or a 400."""
-        for title, (stem, path) in self.checkpoints().items():
-            if name in (title, stem, path.name if path else stem):
-                return title
+        """The checkpoint `name` names (by its title, file name or stem), or a 400."""
+        for key, (title, path) in self.checkpoints().items():
+            if name in (key, title, path.stem if path else key, title.split(" [")[0]):
+                return key
         raise Refused(f"sd_model_checkpoint {name!r}: no such checkpoint (GET /sdapi/v1/sd-models lists them)")
 
-    def pipe_for(self, title: str) -> Pipeline:
-        """The checkpoint's pipeline, loaded once (the current one and the last one asked for stay loaded)."""
+    def pipe_for(self, key: str) -> Pipeline:
+        """The checkpoint's pipeline, loaded (and its file hashed) once; the current one and the last one asked for
+        stay loaded."""
         with self.load_lock:
-            if title not in self.pipes:
+            if key not in self.pipes:
                 if self.loader is None:
-                    raise Refused(f"sd_model_checkpoint {title!r}: this server was started without --models-dir")
-                pipe = self.loader(self.checkpoints()[title][1])
-                for old in [t for t in self.pipes if t != self.options["sd_model_checkpoint"]]:
+                    raise Refused(f"sd_model_checkpoint {key!r}: this server was started without --models-dir")
+                path = self.checkpoints()[key][1]
+                pipe = self.loader(path)
+                if path.is_file():
+                    file_hash(path)
+                for old in [k for k in self.pipes if k != self.options["sd_model_checkpoint"]]:
                     del self.pipes[old]
-                self.pipes[title] = pipe
-            return self.pipes[title]
+                self.pipes[key] = pipe
+            return self.pipes[key]
 
     def settings(self, changes: dict, where="override_settings") -> dict:
         """The options with `changes` applied, each checked (an option nanosd does not have is a 400)."""
@@ -431,8 +437,9 @@ class Server:
     # --- the queue ---
     def submit(self, request: Txt2Img, kind: str) -> Job:
         resolved, pipe = self.check(request, kind)
-        title = next(t for t, p in self.pipes.items() if p is pipe)
-        name, path = self.checkpoints().get(title, (title, None))
+        key = next(k for k, p in self.pipes.items() if p is pipe)
+        path = self.checkpoints()[key][1]
+        name = path.stem if path and path.is_file() else key
         with self.wake:
             if len(self.queue) >= self.limits.max_queue:
                 raise Refused(f"the queue is full ({self.limits.max_queue} waiting): try again later")
@@ -627,10 +634,11 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
         def listing():
-            return [{"title": title, "model_name": name, "hash": title.split(" [")[1][:-1] if " [" in title else None,
-                     "sha256": file_hash(path) if path and path.is_file() else None,
-                     "filename": str(path) if path else name, "config": None}
-                    for title, (name, path) in server.checkpoints().items()]
+            return [{"title": title, "model_name": path.stem if path and path.is_file() else key,
+                     "hash": title.split(" [")[1][:-1] if " [" in title else None,
+                     "sha256": file_hash(path, compute=False) if path and path.is_file() else None,
+                     "filename": str(path) if path else key, "config": None}
+                    for key, (title, path) in server.checkpoints().items()]
         return await asyncio.to_thread(listing)
 
     @app.post("/sdapi/v1/refresh-checkpoints")
@@ -638,8 +646,8 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
         return None
 
     @app.get("/sdapi/v1/options")
-    async def get_options():
-        return server.options
+    async def get_options():  # the checkpoint by its title, as A1111 names it
+        return {**server.options, "sd_model_checkpoint": server.checkpoints()[server.options["sd_model_checkpoint"]][0]}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
@@ -771,7 +779,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     @app.get("/api/model")
     async def model_info():
         p = server.pipe
-        return {"model": server.options["sd_model_checkpoint"], "size": p.cfg.data.size, "factor": p.factor,
+        return {"model": server.checkpoints()[server.options["sd_model_checkpoint"]][0], "size": p.cfg.data.size, "factor": p.factor,
                 "min_side": min(64, p.cfg.data.size), "max_side": server.limits.max_side, "prompted": p.prompted,
                 "sampler": sampler(p.cfg.sample.sampler).a1111, "steps": p.cfg.sample.steps,
                 "cfg_scale": p.cfg.condition.guidance if p.cfg.condition else 1.0,
@@ -807,6 +815,6 @@ def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits 
             raise FileNotFoundError(f"{d} is not a folder")
     pipe = load(model, family=family, prediction=prediction, config=config)
     setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
-    name = Path(model).stem if Path(model).is_file() else Path(model).name
+    name = Path(model).name  # as --models-dir names its files: the same file is one checkpoint
     uvicorn.run(create_app(pipe, name, limits, api_key, controlnet_dirs, models_dir, loader, model, outdir),
                 host=host, port=port, log_level="warning")
