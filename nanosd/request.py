@@ -358,6 +358,12 @@ def from_infotext(text: str) -> tuple[dict, dict]:
     if hires:
         hires["strength"] = fields.pop("strength", 0.7)
         fields["hires"] = Hires(**hires)
+    if fields["noise"] == "a1111" and "scheduler" not in fields and "sampler" in fields:
+        # A1111 1.9+ always writes a k-diffusion sampler's schedule type; without one the image is older, and its
+        # plain name meant the model's own schedule (Uniform; "DPM++ 2M" is Karras only since 1.9)
+        spec = get_sampler(fields["sampler"])
+        if spec.k and spec.schedule == "automatic":
+            fields["scheduler"] = "Uniform"
     return fields, rest
 
 

@@ -129,7 +129,7 @@ class ControlUnit(BaseModel):
     low_vram: bool = False  # A1111's memory saving: the same image
     lowvram: bool = False
     guessmode: bool | None = None  # ControlNet 1.0's name for control_mode 2
-    hr_option: Literal["Both", "Low res only", "High res only"] = "Both"  # hires fix passes (nanosd has none yet)
+    hr_option: Literal["Both", "Low res only", "High res only"] = "Both"  # the hires fix's passes it acts in
 
 
 class Img2Img(Txt2Img):
@@ -299,7 +299,8 @@ class Server:
         request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps, sampler=r.sampler_name,
                           scheduler=schedule, cfg_scale=r.cfg_scale, seed=r.seed if r.seed >= 0 else None,
                           height=h, width=w, batch_size=r.batch_size, eta=eta, clip_skip=clip_skip, output="tensor",
-                          control=self.controls(r.alwayson_scripts), noise="a1111", rng=settings["randn_source"],
+                          control=self.controls(r.alwayson_scripts, hires=r.enable_hr and kind == "txt2img"),
+                          noise="a1111", rng=settings["randn_source"],
                           eta_noise_seed_delta=settings["eta_noise_seed_delta"],
                           subseed=r.subseed if r.subseed >= 0 else None, subseed_strength=r.subseed_strength,
                           seed_resize_from_w=max(r.seed_resize_from_w, 0), seed_resize_from_h=max(r.seed_resize_from_h, 0),
@@ -339,8 +340,9 @@ class Server:
         except ValueError as e:
             raise Refused(str(e)) from None
 
-    def controls(self, scripts: dict) -> list:
-        """ControlNet units (A1111's extension's request shape) as Controls; any other script is refused."""
+    def controls(self, scripts: dict, hires=False) -> list:
+        """ControlNet units (A1111's extension's request shape) as Controls; any other script is refused. With the
+        hires fix a unit acts in both passes."""
         from pydantic import ValidationError
 
         from .controlnet import MODES, RESIZE, Control
@@ -364,6 +366,9 @@ class Server:
             if not u.enabled:
                 continue
             where = f"ControlNet unit {i}"
+            if hires and u.hr_option != "Both":
+                raise Refused(f"{where}: hr_option {u.hr_option!r}: nanosd's units act in both passes of the hires "
+                              "fix (\"Both\")")
             image = u.image.get("image") if isinstance(u.image, dict) else u.image or u.input_image
             mask = (u.image.get("mask") if isinstance(u.image, dict) else None) or u.mask or u.mask_image
             if not image:

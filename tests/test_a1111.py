@@ -158,6 +158,13 @@ def test_a1111_infotexts_and_refusals(sd):
                           (dict(sampler="DPM++ 2M Karras", scheduler="Exponential"), "give one")):
         with pytest.raises(ValueError, match=words):
             sd.generate("a cat", steps=2, height=64, width=64, **fields)
+    # an infotext without a schedule type is from A1111 before 1.9, where a plain name meant the model's schedule
+    from nanosd.request import from_infotext
+
+    old = "a cat\nSteps: 3, Sampler: {}, CFG scale: 5, Seed: 1, Size: 64x64"
+    assert from_infotext(old.format("DPM++ 2M"))[0]["scheduler"] == "Uniform"
+    assert "scheduler" not in from_infotext(old.format("DPM++ 2M Karras"))[0]
+    assert "scheduler" not in from_infotext(old.format("DDIM"))[0]
     # "DPM++ 2M Karras" (A1111 before 1.9) is DPM++ 2M with schedule type Karras
     assert sampler("DPM++ 2M Karras") == sampler("DPM++ 2M", "Karras") and sampler("Euler", "SGM Uniform").schedule == "sgm_uniform"
 
