@@ -273,8 +273,7 @@ class Pipeline:
                 tagged.append(adapters.cached(self, name))
                 tagged[-1].weights = {"text": text_w, "unet": unet_w}
                 adapters.attach(self, tagged[-1])
-            made = self._hires(r, callback) if r.hires is not None else self._masked(r, callback) \
-                if r.mask is not None else self._generate(r, callback)
+            made = self._hires(r, callback) if r.hires is not None else self._masked(r, callback)
             made.lora_hashes = {lora.name: lora.hash for lora in tagged}
             return made
         finally:
@@ -286,21 +285,25 @@ class Pipeline:
         the paste-back; the hole is where the blurred mask is at least half), the hole pre-filled from its
         surroundings ("fill"), and "only masked" (inpaint_full_res): the mask's box, padded and widened to the
         request's aspect, cut out, inpainted at the request's size, and pasted back through the blurred mask."""
-        if not (r.mask_blur or r.inpainting_mask_invert or r.inpainting_fill == "fill" or r.inpaint_full_res):
+        if r.mask is None or not (r.mask_blur or r.inpainting_mask_invert or r.inpainting_fill == "fill"
+                                  or r.inpaint_full_res):
             return self._generate(r, callback)
-        mask = r.mask if isinstance(r.mask, Image.Image) else torch.as_tensor(r.mask, dtype=torch.float32)
-        if not isinstance(mask, Image.Image) and mask.numel() != mask.shape[-1] * mask.shape[-2]:
-            raise ValueError("A1111's inpainting options take one mask for the batch: give a single mask")
-        mask = (mask if isinstance(mask, Image.Image) else to_pil(mask.reshape(1, *mask.shape[-2:]))).convert("L")
+        def picture(x, channels, what):  # these options act on one picture and one mask
+            if isinstance(x, Image.Image):
+                return x.convert("L" if channels == 1 else "RGB")
+            x = as_tensor(x, channels, what)
+            if len(x) > 1:
+                raise ValueError(f"A1111's inpainting options take one {what} for the batch: give a single {what}")
+            return to_pil(x[0])
+
+        mask, image = picture(r.mask, 1, "mask"), picture(r.init, 3, "image")
         if r.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         if r.mask_blur:  # A1111's kernel for a blur of sigma px
             k = 2 * int(2.5 * r.mask_blur + 0.5) + 1
             mask = Image.fromarray(cv2.GaussianBlur(np.asarray(mask), (k, k), r.mask_blur))
-        image = r.init.convert("RGB") if isinstance(r.init, Image.Image) else r.init
         if r.inpainting_fill == "fill":
-            image = fill_hole(to_pil(as_tensor(image, 3, "image")[0]) if not isinstance(image, Image.Image) else image,
-                              mask)
+            image = fill_hole(image, mask)
         if not r.inpaint_full_res:
             return self._generate(dataclasses.replace(r, init=image, mask=mask), callback)
         box = crop_region(mask, r.inpaint_full_res_padding, r.width, r.height)
@@ -361,7 +364,7 @@ class Pipeline:
         blend = inpainting and (not concat or self.cfg.sample.inpaint_blend)
         if r.init is not None and (not inpainting or r.strength < 1 or blend):
             x0 = self.to_model_space(pixels, g)
-        fill = inpainting and r.inpainting_fill in ("latent noise", "latent nothing")
+        latent_fill = inpainting and x0 is not None and r.inpainting_fill in ("latent noise", "latent nothing")
         ch = self.cfg.unet.in_channels
         draws = g  # where the samplers' fresh noise comes from
         if r.latents is not None:
@@ -374,11 +377,11 @@ class Pipeline:
         else:
             noise = torch.randn((n, ch, *latent_size), generator=g)
         x0 = x0.expand(n, -1, -1, -1) if x0 is not None else None
-        if fill and x0 is not None:  # A1111's latent noise / latent nothing: the hole starts from noise, or zeros
+        start = x0
+        if latent_fill:  # A1111's latent noise / latent nothing: the hole starts from the noise, or from zeros
             hole = torch.nn.functional.interpolate(m, size=latent_size).round()
             start = x0 * (1 - hole) + (noise if r.inpainting_fill == "latent noise" else 0) * hole
-        x = spec.start(sched, noise, (start if fill and x0 is not None else x0)
-                       if x0 is not None and (not inpainting or r.strength < 1) else None)
+        x = spec.start(sched, noise, start if x0 is not None and (not inpainting or r.strength < 1) else None)
         if concat:
             image = (pixels + 1) / 2 if inpainting else r.image
             cond = dict(cond or {}, concat=self.spatial_condition(image, m, n, size, g))
@@ -473,7 +476,8 @@ def extend_canvas(image: Image.Image, left=0, right=0, up=0, down=0, factor=8):
 
 def fill_hole(image: Image.Image, mask: Image.Image) -> Image.Image:
     """A1111's "fill": the hole painted with its surroundings, blurred ever less (the kept pixels spread inward)."""
-    kept = np.asarray(image.convert("RGB"), dtype=np.float32) * (keep := 1 - np.asarray(mask, np.float32)[..., None] / 255)
+    keep = 1 - np.asarray(mask, np.float32)[..., None] / 255
+    kept = np.asarray(image.convert("RGB"), dtype=np.float32) * keep
     out = np.zeros_like(kept)
     for sigma, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
         blur = (lambda a: cv2.GaussianBlur(a, (0, 0), sigma)) if sigma else (lambda a: a)
