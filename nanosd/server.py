@@ -654,15 +654,18 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
     async def get_options():  # the checkpoint by its title, as A1111 names it
         return {**server.options, "sd_model_checkpoint": server.checkpoints()[server.options["sd_model_checkpoint"]][0]}
 
-    @app.post("/sdapi/v1/options")
-    async def set_options(request: Request):
+    async def json_object(request: Request, what: str) -> dict:
         try:
             body = await request.json()
         except ValueError:
             raise Refused("the body is not JSON") from None
         if not isinstance(body, dict):
-            raise Refused("the body must be a JSON object of options")
-        new = server.settings(body, "options")
+            raise Refused(f"the body must be a JSON object{what}")
+        return body
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        new = server.settings(await json_object(request, " of options"), "options")
         await asyncio.to_thread(server.pipe_for, new["sd_model_checkpoint"])  # loaded before it becomes current
         server.options = new
         return None
@@ -687,11 +690,8 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
     @app.post("/sdapi/v1/png-info")
     async def png_info_(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise Refused("the body is not JSON") from None
-        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+        body = await json_object(request, ": {\"image\": base64 PNG}")
+        if not isinstance(body.get("image"), str):
             raise Refused("give {\"image\": base64 PNG}")
         image = server.decode_image(body["image"], "image")
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
@@ -743,12 +743,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
         """The page's requests, A1111-shaped: with init_images an img2img (with a mask, an inpainting)."""
         from pydantic import ValidationError
 
-        try:
-            body = await request.json()
-        except ValueError:
-            raise Refused("the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise Refused("the body must be a JSON object")
+        body = await json_object(request, "")
         kind = "img2img" if body.get("init_images") else "txt2img"
         try:
             parsed = (Img2Img if kind == "img2img" else Txt2Img).model_validate(body)
