@@ -291,7 +291,9 @@ class Server:
         # A1111 reads eta only where the sampler has one; webuiapi sends its default, 1, with every request
         eta = None if r.eta == 1.0 and "eta" not in spec.options else r.eta
         hires = None
-        if r.enable_hr and kind == "txt2img":
+        if r.enable_hr and kind == "img2img":
+            raise Refused("enable_hr: the hires fix is txt2img's; upscale the image and send it at its new size")
+        if r.enable_hr:
             if r.hr_upscaler in (None, "None"):
                 raise Refused("hr_upscaler None: give one (GET /sdapi/v1/upscalers, /sdapi/v1/latent-upscale-modes)")
             hires = Hires(r.hr_scale, r.hr_upscaler, r.hr_second_pass_steps, r.denoising_strength or 0.7,
@@ -299,7 +301,7 @@ class Server:
         request = Request(r.prompt or None, r.negative_prompt or None, steps=r.steps, sampler=r.sampler_name,
                           scheduler=schedule, cfg_scale=r.cfg_scale, seed=r.seed if r.seed >= 0 else None,
                           height=h, width=w, batch_size=r.batch_size, eta=eta, clip_skip=clip_skip, output="tensor",
-                          control=self.controls(r.alwayson_scripts, hires=r.enable_hr and kind == "txt2img"),
+                          control=self.controls(r.alwayson_scripts, hires=r.enable_hr),
                           noise="a1111", rng=settings["randn_source"],
                           eta_noise_seed_delta=settings["eta_noise_seed_delta"],
                           subseed=r.subseed if r.subseed >= 0 else None, subseed_strength=r.subseed_strength,

@@ -394,6 +394,8 @@ def test_webuiapi_client_every_call_answers_as_a1111s(model, tmp_path):
     for kw in ({}, {"mask_image": mask}, {"mask_image": mask, "inpaint_full_res": False, "inpainting_fill": 2}):
         done = api.img2img(images=[picture], seed=5, denoising_strength=0.6, **small, **kw)
         assert done.image.size == (8, 8) and "Denoising strength: 0.6" in done.info["infotexts"][0]
+    status, out = call(url, "/sdapi/v1/img2img", {"init_images": [png_b64(mode="RGB")], "enable_hr": True, **small})
+    assert status == 400 and "enable_hr" in out["detail"]
     # save_images writes A1111's outputs; send_images=False answers without them
     saved = api.txt2img(seed=3, save_images=True, send_images=False, **small)
     assert saved.images == [] and len(list((tmp_path / "out").glob("txt2img-images/*/*-3.png"))) == 1
