@@ -36,7 +36,8 @@ def cmd_generate(a):
                 family=a.family, prediction=a.prediction)
     pipe.progress = True
     add_loras(pipe, a)
-    prompt, n, nrow = a.prompt or replay.pop("prompt", None), a.n or (16 if is_run(a.model) else 1), None
+    replayed_prompt = replay.pop("prompt", None)
+    prompt, n, nrow = a.prompt or replayed_prompt, a.n or (16 if is_run(a.model) else 1), None
     if a.prompts:  # a row of --n images for each line of the file
         if a.prompt:
             raise ValueError("give a prompt or --prompts FILE, not both")

@@ -247,8 +247,8 @@ def test_replay_an_a1111_image_and_ours(sd, tmp_path):
     assert "Seed: 11" in params and "ENSD: 31337" in params and "Seed mode" not in params
     # a flag given wins over the image's; ours replays bit for bit, diffusers-seeded ones too
     again = tmp_path / "again2.png"
-    assert main(["generate", str(sd.where), "--from", str(out), "--steps", "2", "--out", str(again)]) == 0
-    assert "Steps: 2" in Image.open(again).text["parameters"]
+    assert main(["generate", str(sd.where), "a green dog", "--from", str(out), "--steps", "2", "--out", str(again)]) == 0
+    assert Image.open(again).text["parameters"].startswith("a green dog\nNegative prompt: blurry\nSteps: 2,")
     ours = tmp_path / "ours.png"
     assert main(["generate", str(sd.where), "a dog", "--seed", "3", "--steps", "2", "--size", "64x64",
                  "--out", str(ours)]) == 0
