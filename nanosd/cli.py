@@ -37,7 +37,8 @@ def cmd_generate(a):
     pipe.progress = True
     add_loras(pipe, a)
     replayed_prompt = replay.pop("prompt", None)
-    prompt, n, nrow = a.prompt or replayed_prompt, a.n or (16 if is_run(a.model) else 1), None
+    # an image replayed is one image; a run folder's default is a grid of 16
+    prompt, n, nrow = a.prompt or replayed_prompt, a.n or (16 if is_run(a.model) and not replay else 1), None
     if a.prompts:  # a row of --n images for each line of the file
         if a.prompt:
             raise ValueError("give a prompt or --prompts FILE, not both")
