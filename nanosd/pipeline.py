@@ -285,7 +285,7 @@ class Pipeline:
         the paste-back; the hole is where the blurred mask is at least half), the hole pre-filled from its
         surroundings ("fill"), and "only masked" (inpaint_full_res): the mask's box, padded and widened to the
         request's aspect, cut out, inpainted at the request's size, and pasted back through the blurred mask."""
-        if r.mask is None or not (r.mask_blur or r.inpainting_mask_invert or r.inpainting_fill == "fill"
+        if r.mask is None or not (r.mask_blur or r.inpainting_mask_invert or r.inpainting_fill != "original"
                                   or r.inpaint_full_res):
             return self._generate(r, callback)
         def picture(x, channels, what):  # these options act on one picture and one mask
@@ -297,18 +297,20 @@ class Pipeline:
             return to_pil(x[0])
 
         mask, image = picture(r.mask, 1, "mask"), picture(r.init, 3, "image")
+        mask = mask.point(lambda v: 255 if v > 128 else 0)  # A1111 rounds the mask before it blurs it
         if r.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         if r.mask_blur:  # A1111's kernel for a blur of sigma px
             k = 2 * int(2.5 * r.mask_blur + 0.5) + 1
             mask = Image.fromarray(cv2.GaussianBlur(np.asarray(mask), (k, k), r.mask_blur))
-        if r.inpainting_fill == "fill":
+        if r.inpainting_fill != "original":  # A1111 fills the pixels for the latent fills too (then replaced)
             image = fill_hole(image, mask)
         if not r.inpaint_full_res:
             return self._generate(dataclasses.replace(r, init=image, mask=mask), callback)
         box = crop_region(mask, r.inpaint_full_res_padding, r.width, r.height)
         inner = dataclasses.replace(r, init=image.crop(box).resize((r.width, r.height), Image.LANCZOS),
-                                    mask=mask.crop(box).resize((r.width, r.height), Image.LANCZOS), output="tensor")
+                                    mask=mask.crop(box).resize((r.width, r.height), Image.LANCZOS), output="tensor",
+                                    overlay=False)  # the paste-back below lays the original over it
         made = self._generate(inner, callback)
         out = []
         for im in made.images:  # pasted back, then the original over it where the blurred mask keeps it
@@ -361,8 +363,11 @@ class Pipeline:
         soft = self._mask(r.mask, pixels) if r.mask is not None else None  # the overlay's; the hole is >= 1/2
         m = (soft >= 0.5).float() if soft is not None else None
         inpainting = m is not None
-        blend = inpainting and (not concat or self.cfg.sample.inpaint_blend)
-        if r.init is not None and (not inpainting or r.strength < 1 or blend):
+        # A1111 keeps the unmasked part by putting the known latents in place of the predicted x_0 at every step
+        # (any model); diffusers blends them in after each step, noised (a standard U-Net; sample.inpaint_blend)
+        a1111_blend = inpainting and a1111
+        blend = inpainting and not a1111 and (not concat or self.cfg.sample.inpaint_blend)
+        if r.init is not None and (not inpainting or r.strength < 1 or blend or a1111_blend):
             x0 = self.to_model_space(pixels, g)
         latent_fill = inpainting and x0 is not None and r.inpainting_fill in ("latent noise", "latent nothing")
         ch = self.cfg.unet.in_channels
@@ -381,7 +386,7 @@ class Pipeline:
         if latent_fill:  # A1111's latent noise / latent nothing: the hole starts from the noise, or from zeros
             hole = torch.nn.functional.interpolate(m, size=latent_size).round()
             start = x0 * (1 - hole) + (noise if r.inpainting_fill == "latent noise" else 0) * hole
-        x = spec.start(sched, noise, start if x0 is not None and (not inpainting or r.strength < 1) else None)
+        x = spec.start(sched, noise, start if x0 is not None and (not inpainting or r.strength < 1 or a1111) else None)
         if concat:
             image = (pixels + 1) / 2 if inpainting else r.image
             cond = dict(cond or {}, concat=self.spatial_condition(image, m, n, size, g))
@@ -416,12 +421,19 @@ class Pipeline:
             hints = [c.hint(r.height, r.width, n, r.mask).to(device) for c in r.control]
             denoiser = self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale, r.control, hints,
                                      step)
+            if a1111_blend:  # A1111's latent mask: the (blurred) mask resized as a picture, then rounded
+                lat = [np.asarray(to_pil(mm).resize(latent_size[::-1], Image.BICUBIC), np.float32) / 255 for mm in soft]
+                keep = 1 - torch.from_numpy(np.stack(lat)[:, None]).round().to(device)
+                denoiser = keep_known(denoiser, keep, x0.to(device), self.schedule)
             z = spec(denoiser, x.to(device), sched, generator=draws, callback=progress, eta=r.eta)
+            if a1111_blend:
+                z = z * (1 - keep) + x0.to(device) * keep
         if r.output == "latent":
             return Generation(z, r)
         images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1).cpu()
-        if inpainting and r.overlay:
-            images = soft * images + (1 - soft) * (pixels + 1) / 2  # the decoder's error outside the hole undone
+        if inpainting and r.overlay:  # the decoder's error outside the hole undone; A1111's seam: the mask doubled
+            over = (2 * soft).clamp(max=1)
+            images = over * images + (1 - over) * (pixels + 1) / 2
         return Generation(images if r.output == "tensor" else [to_pil(im) for im in images], r)
 
     def to_model_space(self, pixels, generator=None):
@@ -452,6 +464,20 @@ class Pipeline:
                 out = out + torch.nn.functional.pad(part * ramp, pad)
                 weight = weight + torch.nn.functional.pad(ramp, pad)
         return out / weight
+
+
+def keep_known(model, keep, known, schedule):
+    """model(x, t) -> eps, with the predicted x_0 replaced by `known` where keep is 1 (A1111's inpainting: its
+    CFGDenoiser's denoised = init * mask + nmask * denoised, at k-diffusion's sigma of t)."""
+    from .samplers import k_t_to_sigma
+
+    def blended(x, t):
+        eps = model(x, t)
+        sigma = k_t_to_sigma(schedule, t.float().cpu()).item()
+        alpha, s = 1 / (1 + sigma**2) ** 0.5, sigma / (1 + sigma**2) ** 0.5  # x = alpha x_0 + s eps
+        return (1 - keep) * eps + keep * (x - alpha * known) / s
+
+    return blended
 
 
 def extend_canvas(image: Image.Image, left=0, right=0, up=0, down=0, factor=8):

@@ -279,16 +279,22 @@ def k_sigma_to_t(schedule: Schedule, sigma: torch.Tensor) -> torch.Tensor:
     return (1 - w) * lo + w * (lo + 1)
 
 
+def k_t_to_sigma(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's sigma at (fractional) timesteps: log sigma interpolated linearly."""
+    log_sig, t = schedule.ldm_sigmas.log(), torch.as_tensor(t, dtype=torch.float32)
+    lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_sig[lo] + w * log_sig[hi]).exp()
+
+
 def k_sigmas(schedule: Schedule, n: int, kind: str, sdxl=False) -> torch.Tensor:
     """The n + 1 sigmas (the last 0, KL Optimal's sigma_min) that A1111 gives k-diffusion for `kind`, in float32
     as it computes them, from the model's sigmas as the original SD code holds them."""
     sig = schedule.ldm_sigmas
-    log_sig, smin, smax = sig.log(), sig[0].item(), sig[-1].item()
+    smin, smax = sig[0].item(), sig[-1].item()
     zero = torch.zeros(1)
 
     def t_to_sigma(t):
-        lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
-        return ((1 - w) * log_sig[lo] + w * log_sig[hi]).exp()
+        return k_t_to_sigma(schedule, t)
 
     def sigma_to_t(sigma):
         return k_sigma_to_t(schedule, torch.tensor([sigma]))[0]

@@ -195,7 +195,7 @@ def test_inpainting_options(sd):
     mask = Image.new("L", (128, 128), 0)
     mask.paste(255, (80, 80, 112, 104))
     base = dict(seed=2, steps=3, sampler="Euler", noise="a1111", output="tensor", overlay=True, height=64, width=64)
-    small, small_mask = picture.resize((64, 64)), mask.resize((64, 64))
+    small, small_mask = picture.resize((64, 64)), mask.resize((64, 64), Image.NEAREST)
     plain = sd.inpaint(small, small_mask, "a cat", **base).images
     inverted = sd.inpaint(small, ImageOps.invert(small_mask), "a cat", inpainting_mask_invert=True, **base).images
     assert torch.equal(plain, inverted)
@@ -258,3 +258,38 @@ def test_replay_an_a1111_image_and_ours(sd, tmp_path):
     assert main(["info", str(a1111)]) == 0
     with pytest.raises(ValueError, match="no generation parameters"):
         nanosd.images.read_parameters(Image.new("RGB", (4, 4)))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_a1111_inpainting_equals_k_diffusion_with_a1111s_mask(sd, strength):
+    """A1111's inpainting with a standard model: the known latents put in place of the predicted x_0 at every step
+    (its CFGDenoiser's mask), from init + noise x sigma at A1111's first step, blended once more at the end."""
+    from PIL import Image
+
+    sampling, external = k_diffusion()
+    x = torch.linspace(0, 1, 64)
+    picture = nanosd.images.to_pil(torch.stack([x[None].expand(64, -1), x[:, None].expand(-1, 64), 1 - x[None].expand(64, -1)]))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 12, 44, 40))
+    steps, seed = 6, 3
+    ours = sd.inpaint(picture, mask, "a cat", strength=strength, steps=steps, sampler="Euler", seed=seed, cfg_scale=5.0,
+                      noise="a1111", output="latent").images
+    r = nanosd.Request("a cat", cfg_scale=5.0).resolve(sd)
+    eps = sd.denoiser(*sd.encode_prompts(r), 5.0)
+
+    class Eps(torch.nn.Module):
+        def forward(self, x, t):
+            return eps(x, t[0])
+
+    model = external.DiscreteEpsDDPMDenoiser(Eps(), sd.schedule.ldm_alphas_cumprod, quantize=False)
+    init = sd.to_model_space(nanosd.images.as_tensor(picture, 3, "image") * 2 - 1, torch.Generator().manual_seed(seed))
+    latent = torch.tensor(list(mask.resize((8, 8), Image.BICUBIC).getdata()), dtype=torch.float32).reshape(8, 8) / 255
+    keep = 1 - latent.round()  # A1111's self.mask; its nmask is 1 - this
+    sigmas = k_sigmas(sd.schedule, steps, "uniform")
+    t_enc = int(min(strength, 0.999) * steps)  # A1111's img2img step count
+    sigma_sched = sigmas[steps - t_enc - 1:]
+    x = init + ImageNoise((4, 8, 8), [seed]).first() * sigma_sched[0]
+    theirs = sampling.sample_euler(lambda x, s: init * keep + (1 - keep) * model(x, s), x, sigma_sched, disable=True)
+    theirs = theirs * (1 - keep) + init * keep
+    assert (ours - theirs).abs().max() < 1e-4 * max(1, theirs.abs().max())
+    assert (ours - init).abs()[..., 3:5, 3:5].mean() > 0.05  # the hole was redrawn
