@@ -317,8 +317,9 @@ def main(argv=None):
             g.add_argument("--image", help="the spatial condition of a model trained with one (an edge map, ...)")
         g.add_argument("--n", type=int, help="images (default: 16 for a run folder, 1 for an SD checkpoint)")
         g.add_argument("--steps", type=int)
-        g.add_argument("--sampler", help="ddpm, ddim, plms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc "
-                                         "(or A1111's names, e.g. 'DPM++ 2M Karras'); default: the model's")
+        g.add_argument("--sampler", help="ddpm, ddim, plms, euler, euler_a, heun, dpmpp_2m, unipc, lcm (LCM "
+                                         "checkpoints and LCM-LoRAs: 4-8 steps, --cfg 1-2), or A1111's names, "
+                                         "with a schedule type if you like ('DPM++ 2M Karras'); default: the model's")
         g.add_argument("--eta", type=float, help="DDIM's eta (0: deterministic, 1: DDPM-like); other samplers refuse it")
         g.add_argument("--autoguidance", type=float, help="run folders trained with train.guide_at: the step away "
                                                           "from the early weights (1: off; default: the run's)")

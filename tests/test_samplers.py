@@ -83,7 +83,7 @@ FAMILIES = {"ddpm": ("DDPMScheduler", {}), "ddim": ("DDIMScheduler", {}), "plms"
             "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
             "heun": ("HeunDiscreteScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
             "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-            "unipc": ("UniPCMultistepScheduler", {})}
+            "unipc": ("UniPCMultistepScheduler", {}), "lcm": ("LCMScheduler", {})}
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
 
@@ -97,7 +97,7 @@ def reference_scheduler(name, n):
     return s
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", list(SAMPLERS) + ["dpmpp_2m_karras"])  # a sampler with a schedule type
 @pytest.mark.parametrize("n", [1, 2, 7, 25])
 def test_each_sampler_reproduces_its_diffusers_scheduler(name, n):
     """The same fake network, noise and generator through diffusers' scheduler loop and through ours."""
@@ -108,7 +108,7 @@ def test_each_sampler_reproduces_its_diffusers_scheduler(name, n):
     noise = torch.randn(2, 4, 8, 8, generator=g)
     x = noise * ref.init_noise_sigma
     for t in ref.timesteps:
-        kw = {"generator": g} if name in ("ddpm", "euler_a") else {}
+        kw = {"generator": g} if name in ("ddpm", "euler_a", "lcm") else {}
         x = ref.step(model(ref.scale_model_input(x, t), t), t, x, **kw).prev_sample
     g = torch.Generator().manual_seed(0)
     torch.randn(2, 4, 8, 8, generator=g)

@@ -21,7 +21,7 @@ FAMILIES = {"ddpm": ("DDPMScheduler", {}), "ddim": ("DDIMScheduler", {}), "plms"
             "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
             "heun": ("HeunDiscreteScheduler", {}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
             "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-            "unipc": ("UniPCMultistepScheduler", {})}
+            "unipc": ("UniPCMultistepScheduler", {}), "lcm": ("LCMScheduler", {})}
 
 
 def tiny_reference(folder, in_channels=4, seed=0, vae_channels=(8, 16)):
@@ -93,7 +93,7 @@ def test_components_match_the_reference(sd):
         torch.testing.assert_close(pipe.text_encoder(ids, skip=1), skip2, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", list(SAMPLERS) + ["dpmpp_2m_karras"])  # a sampler with a schedule type
 def test_text_to_image_matches_the_reference_for_every_sampler(sd, name):
     ref, pipe, _ = sd
     theirs = reference_images(ref, name, prompt=PLAIN, negative_prompt=NEGATIVES)
