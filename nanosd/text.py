@@ -461,5 +461,8 @@ class TextConditioner(nn.Module):
                     per_token[j // n, 1 + j % n] = x
                 mean = z[i].mean()
                 z[i] = z[i] * per_token.reshape(-1, 1).to(z)
-                z[i] = z[i] * (mean / z[i].mean())
+                # A1111 rescales to the old mean; where the states' mean is next to nothing (a small CLIP's final
+                # LayerNorm with no bias yet) that ratio is noise or infinite, and the weighted states are kept
+                if z[i].mean().abs() > 1e-4 * z[i].abs().mean():
+                    z[i] = z[i] * (mean / z[i].mean())
         return z, pooled

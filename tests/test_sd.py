@@ -371,9 +371,18 @@ def test_long_and_weighted_prompts_are_encoded_as_a1111_does(sd):
         assert_near(long[:77], c.model(c.tokenizer.pack([first]))[0], 1e-5)
         assert_near(short[:77], c.model(c.tokenizer(["a cat"]))[0], 1e-5)  # padded with an empty chunk
         assert_near(short[77:], c.model(c.tokenizer([""]))[0], 1e-5)
-        (plain, heavy), _ = c.encode_clip(["a cat on a mat", "a (cat:1.5) on a mat"])
-        assert torch.allclose(heavy.mean(), plain.mean(), rtol=1e-4)  # the mean is restored
-        assert not torch.allclose(heavy[2], plain[2])  # "cat" (position 2) weighs more
+        norm = c.model.final_layer_norm  # this random CLIP's LayerNorm has no bias: its states' mean is ~1e-8
+        bias = norm.bias.detach().clone()
+        try:
+            norm.bias.add_(0.05)  # a real CLIP's states have a clear mean, which A1111 restores after weighting
+            (plain, heavy), _ = c.encode_clip(["a cat on a mat", "a (cat:1.5) on a mat"])
+            assert torch.allclose(heavy.mean(), plain.mean(), rtol=1e-4)  # the mean is restored
+            assert not torch.allclose(heavy[2], plain[2])  # "cat" (position 2) weighs more
+            norm.bias.zero_()  # next to no mean: the ratio would be noise or infinite (the U-Net then draws NaN)
+            (plain, heavy), _ = c.encode_clip(["a cat on a mat", "a (cat:1.5) on a mat"])
+            assert torch.isfinite(heavy).all() and torch.allclose(heavy[2], 1.5 * plain[2], atol=1e-5)
+        finally:
+            norm.bias.copy_(bias)
 
 
 def test_tiled_decode_blends_tiles_into_the_untiled_image(sd):
