@@ -220,6 +220,10 @@ class Server:
             out[name] = (f"{path.name} [{h[:10]}]" if h else path.name if path else name, path)
         return out
 
+    def path_of(self, key: str):
+        """A checkpoint's file or folder (None for a served model given without one), without listing the folder."""
+        return self.served[1] if key == self.served[0] else self.models_dir / key
+
     def checkpoint(self, name: str) -> str:
         """The checkpoint `name` names (by its title, file name or stem), or a 400."""
         for key, (title, path) in self.checkpoints().items():
@@ -234,7 +238,7 @@ class Server:
             if key not in self.pipes:
                 if self.loader is None:
                     raise Refused(f"sd_model_checkpoint {key!r}: this server was started without --models-dir")
-                path = self.checkpoints()[key][1]
+                path = self.path_of(key)
                 pipe = self.loader(path)
                 if path.is_file():
                     file_hash(path)
@@ -445,7 +449,7 @@ class Server:
     def submit(self, request: Txt2Img, kind: str) -> Job:
         resolved, pipe = self.check(request, kind)
         key = next(k for k, p in self.pipes.items() if p is pipe)
-        path = self.checkpoints()[key][1]
+        path = self.path_of(key)
         name = path.stem if path and path.is_file() else key
         with self.wake:
             if len(self.queue) >= self.limits.max_queue:
