@@ -229,22 +229,34 @@ def cmd_data(a):
 
 def cmd_data_shard(a):
     import torch
+    from tqdm import tqdm
 
     from .data import load_dataset
-    from .run import autoencoder_dir, load_autoencoder, weights_key
+    from .run import autoencoder_dir, is_run, load_autoencoder, weights_key
     from .shards import write_shards
 
     size = a.size or (28 if "mnist" in a.src else 64)
-    data = load_dataset(a.src, size)
-    latents = key = None
-    if a.autoencoder:  # a latent run folder or its autoencoder/: E(x) stored beside each image
-        folder = autoencoder_dir(a.autoencoder)
-        ae, key = load_autoencoder(folder), weights_key(folder)
-        with torch.no_grad():
-            latents = torch.cat([ae.encode(x).mode() for x in data.images.split(250)])
-    out = write_shards(data, a.dst, a.shard_size, latents, key)
-    print(f"wrote {len(data)} samples in {len(list(out.glob('*.tar')))} shards to {out}"
-          + (f", with latents of {folder}" if latents is not None else ""))
+    data = load_dataset(a.src, size, shuffle=0)
+    encode = key = None
+    if a.autoencoder:  # a latent run (or its autoencoder/), or a Stable Diffusion model: E(x) beside each image
+        if is_run(autoencoder_dir(a.autoencoder)):
+            folder = autoencoder_dir(a.autoencoder)
+            ae, key = load_autoencoder(folder), weights_key(folder)
+        else:
+            from .pipeline import load
+
+            ae, key = load(a.autoencoder).autoencoder, weights_key(a.autoencoder)
+
+        @torch.no_grad()
+        def encode(x):
+            return torch.cat([ae.encode(b).mode() for b in x.split(8)])
+    batches = data.once(64) if hasattr(data, "once") else \
+        (data.take(torch.arange(i, min(i + 64, len(data)))) for i in range(0, len(data), 64))
+    out, count = write_shards(tqdm(batches, desc="writing shards", unit="batch", leave=False), a.dst, a.shard_size,
+                              classes=data.classes, encode=encode, autoencoder_key=key)
+    print(f"wrote {count} samples in {len(list(out.glob('*.tar')))} shards to {out}"
+          + (f", with latents of {a.autoencoder}" if encode else "")
+          + (f" ({data.skipped} undecodable samples skipped)" if getattr(data, "skipped", 0) else ""))
 
 
 def cmd_serve(a):
@@ -457,12 +469,14 @@ def main(argv=None):
     dg.add_argument("name", help="mnist, fashion-mnist or emoji")
     dg.set_defaults(fn=cmd_data)
     ds = dsub.add_parser("shard", help="write a data set as WebDataset tar shards (image, captions, label, latents)")
-    ds.add_argument("src", help="mnist, fashion-mnist, emoji, or a folder of images")
+    ds.add_argument("src", help="mnist, fashion-mnist, emoji, a folder of images, or tar shards (a folder, a brace "
+                                "pattern, URLs: images of any size are resized and centre-cropped)")
     ds.add_argument("dst", help="a new folder for shard-NNNNNN.tar and index.json")
     ds.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     ds.add_argument("--size", type=int, help="image size (default: 28 for MNIST-like sets, else 64)")
-    ds.add_argument("--autoencoder", help="also store E(x) from this run folder's autoencoder (frozen: "
-                                          "latent recipes trained with --autoencoder on the shards then skip encoding)")
+    ds.add_argument("--autoencoder", help="also store E(x) (latent.npy) from this run folder's autoencoder or this "
+                                          "Stable Diffusion model's VAE: recipes on the same frozen autoencoder "
+                                          "(--autoencoder, or init / a LoRA base) then skip encoding")
     ds.set_defaults(fn=cmd_data_shard)
 
     v = sub.add_parser("eval", help="metrics of a trained model")

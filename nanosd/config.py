@@ -15,8 +15,12 @@ from .unet import UNetConfig
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist, fashion-mnist, or a folder of images
+    name: str = "mnist"  # mnist, fashion-mnist, emoji, a folder of images, or tar shards (a folder, a brace
+    # pattern such as "data/{00000..00127}.tar", URLs: https://, s3://, pipe:CMD; several joined by "::")
     size: int = 28  # MNIST-like sets: 28 as is, or 32 as the 28 px image zero-padded by 2
+    crop: str = "center"  # images of other shapes: resized to cover size x size, then cropped: center or random
+    buckets: bool = False  # shards: aspect-ratio buckets of about size^2 pixels instead of square crops
+    shuffle: int = 1000  # shards: the stream's shuffle buffer, in samples
 
 
 @dataclass
@@ -60,6 +64,8 @@ class TrainConfig:
     steps: int = 0  # 0: no step limit (use minutes)
     minutes: float = 0.0  # wall-clock budget (with steps: a cap); 0: no time limit (use steps)
     bf16: bool = False  # bf16 autocast (slower than fp32 for small convolutions on CPU)
+    checkpointing: bool = False  # gradient checkpointing: the U-Net's blocks recomputed in the backward pass
+    # (a third more time for a fraction of the activations' memory: full-size SD fine-tunes)
     seed: int = 0
     log_every: int = 25
     sample_every: int = 500  # steps between sample grids (0: only at the end)
@@ -118,24 +124,31 @@ class Config:
     condition: ConditionConfig | None = None  # present: a conditioned model (text or class labels)
     lora: LoraConfig | None = None  # present: train a LoRA on lora.base (a run folder) instead of a model
     controlnet: ControlNetConfig | None = None  # present: train a ControlNet on controlnet.base instead
+    init: str = ""  # fine-tune this model (an SD file or diffusers folder, or a run): its U-Net learns, its text
+    # encoders and autoencoder stay frozen; the recipe gives the data and training (TOML: before any [table])
 
     def validate(self):
-        if self.lora and self.controlnet:
-            raise ValueError("a recipe trains a LoRA ([lora]) or a ControlNet ([controlnet]), not both: keep one")
+        if sum(map(bool, (self.lora, self.controlnet, self.init))) > 1:
+            raise ValueError("a recipe fine-tunes a model (init), trains a LoRA ([lora]) or a ControlNet "
+                             "([controlnet]): keep one")
         self.unet.validate()
         self.diffusion.validate()
         self.train.validate()
         if self.condition:
             self.condition.validate()
-        factor = self.unet.factor
+        factor = self.factor
         if self.autoencoder:
             self.autoencoder.validate()
-            factor *= self.autoencoder.factor
         if self.data.size % factor:
             raise ValueError(f"data.size {self.data.size} is not divisible by the model's factor {factor} "
                              f"(2^(levels-1) of the U-Net{' times the autoencoder' if self.autoencoder else ''}): "
                              f"use a multiple of {factor}, or fewer levels")
         return self
+
+    @property
+    def factor(self):
+        """Image sides must be divisible by this: the U-Net's factor times the autoencoder's."""
+        return self.unet.factor * (self.autoencoder.factor if self.autoencoder else 1)
 
     @property
     def latent_size(self):

@@ -146,36 +146,45 @@ class ImageSet:
     def spread(self, n: int) -> torch.Tensor:
         return self.images[self.spread_index(n)]
 
+    def preview(self, n: int) -> dict:
+        """n samples spread through the set (grids' prompts, held-out images)."""
+        return self.take(self.spread_index(n))
+
 
 def _load_folder(folder: Path, size: int) -> ImageSet:
+    """Every image of a folder (any size: resized to cover size x size and centre-cropped), with its captions
+    when each image has a .txt beside it (the usual fine-tuning layout: cat.png + cat.txt)."""
+    import random
+
     from PIL import Image
+
+    from .shards import fit_image
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .tar shards")
     images = [Image.open(f) for f in files]
-    gray = all(im.mode in ("L", "1", "I;16") for im in images)  # a gray folder stays one channel
-    arrays = []
-    for im in images:
-        if gray:
-            im = im.convert("L")
-        elif im.mode in ("P", "LA", "RGBA"):  # composite transparency onto white
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-        im = im.convert("L" if gray else "RGB").resize((size, size), Image.BICUBIC)
-        a = np.asarray(im)
-        arrays.append(a[..., None] if gray else a)
-    sidecars = [f.with_suffix(".txt") for f in files]  # the usual fine-tuning layout: cat.png + cat.txt
+    channels = 1 if all(im.mode in ("L", "1", "I;16") for im in images) else 3  # a gray folder stays one channel
+    rng = random.Random(0)
+    x = torch.stack([fit_image(im, (size, size), channels, "center", rng) for im in images])
+    sidecars = [f.with_suffix(".txt") for f in files]
     captions = [[p.read_text(encoding="utf-8").strip()] for p in sidecars] if all(p.is_file() for p in sidecars) else None
-    return ImageSet(to_float(torch.from_numpy(np.stack(arrays)), size), None, [], captions)
+    return ImageSet(x, None, [], captions)
 
 
-def load_dataset(name: str, size: int, split: str = "train") -> ImageSet:
-    """A named data set (fetched if needed), a folder of tar shards (read on demand) or a folder of images, as
-    floats in [-1, 1] at `size` px."""
+def load_dataset(name: str, size: int, split: str = "train", **stream) -> ImageSet:
+    """A named data set (fetched if needed), nanosd's indexed shards (read on demand), tar shards as people have
+    them (streamed: a folder, a brace pattern or URLs; `stream` = crop, buckets, multiple, shuffle of StreamSet)
+    or a folder of images, as floats in [-1, 1] at `size` px."""
+    from .shards import ShardSet, StreamSet, is_shards
+
     if Path(name).is_dir() and (Path(name) / "index.json").is_file():
-        from .shards import ShardSet
-
         return ShardSet(name, size)
+    if is_shards(name):
+        return StreamSet(name, size, **stream)
+    if stream.get("buckets") or stream.get("crop", "center") != "center":
+        raise ValueError(f"data.buckets and data.crop = 'random' apply to tar shards, and {name} is not a shard set: "
+                         "write it as shards with 'nanosd data shard', or leave them at their defaults")
     if Path(name).is_dir():
         return _load_folder(Path(name), size)
     path = fetch(name)

@@ -15,9 +15,9 @@ from .config import Config, load_config
 from .controlnet import residuals
 from .formats import diffusers, sd
 from .images import as_tensor, to_pil
-from .io import load_into, read_checkpoint, save_tensors
+from .io import load_into, load_tensors, read_checkpoint, save_tensors
 from .request import UPSCALERS, Generation, Request
-from .run import CONFIG, LORA, is_run, load_run
+from .run import CONFIG, LORA, WEIGHTS, is_run, load_run
 from .samplers import after_step
 from .schedule import Schedule
 from .seeds import ImageNoise
@@ -583,6 +583,12 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
                 pipe.load_embedding(path / f"{lora.embedding}.safetensors")
             else:
                 pipe.load_lora(path / LORA)
+            return pipe
+        if run.init:  # a fine-tune: its base with the U-Net it learned
+            pipe = load(run.init, precision, compile=False)
+            unet = {k.removeprefix("unet."): v for k, v in load_tensors(path / WEIGHTS).items()}
+            load_into(pipe.unet, unet, f"{path / WEIGHTS}")  # copied into the weights in their precision
+            pipe.unet = torch.compile(pipe.unet) if compile else pipe.unet
             return pipe
         cfg, model, ae, guide = load_run(path)
         pipe = Pipeline.of(model, Schedule.of(cfg.diffusion), cfg, ae, precision, guide)

@@ -58,15 +58,14 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
     A latent recipe first trains its autoencoder in run_dir/autoencoder (or copies the one given), within the
     same wall-clock budget, then the U-Net on the cached, scaled latents."""
     run_dir = Path(run_dir)
-    base = None  # a LoRA or ControlNet recipe's frozen model, loaded once
-    adapter = cfg is not None and (cfg.lora or cfg.controlnet)
-    if adapter:
-        base = frozen_base(adapter.base)
+    base = None  # a fine-tune's, LoRA's or ControlNet's starting model, loaded once
+    if cfg is not None and base_path(cfg):
+        base = frozen_base(base_path(cfg))
         cfg = on_base(cfg, base)
     cfg = _open_run(cfg, run_dir, minutes, steps)
-    if cfg.lora or cfg.controlnet:
-        return train_on_base(cfg, run_dir, base or frozen_base((cfg.lora or cfg.controlnet).base))
-    data = load_dataset(cfg.data.name, cfg.data.size)
+    if base_path(cfg):
+        return train_on_base(cfg, run_dir, base or frozen_base(base_path(cfg)))
+    data = data_of(cfg)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)
     tcfg, ae = cfg.train, None
@@ -103,7 +102,7 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
                       device=device)
     if trainer.resume():
         say(f"resuming {run_dir} from step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
-    say(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {len(data)} "
+    say(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter U-Net, {amount(data)} "
         f"{'latents' if ae else 'images'} of {data.shape}, run folder {run_dir}"
         + (f", {world} processes" if world > 1 else ""))
     trainer.fit()
@@ -111,6 +110,22 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
         dist.barrier()  # rank 0's last checkpoint and grid are written before anyone leaves
         dist.destroy_process_group()  # gloo's threads end here, not in the interpreter's exit (which can abort)
     return run_dir
+
+
+def base_path(cfg: Config) -> str:
+    """The model a recipe starts from: a fine-tune's init, a LoRA's or ControlNet's base ('' for a new model)."""
+    adapter = cfg.lora or cfg.controlnet
+    return cfg.init or (adapter.base if adapter else "")
+
+
+def data_of(cfg: Config, split="train"):
+    """The recipe's data; shards stream with its crop, buckets (in steps of the model's factor) and shuffle."""
+    d = cfg.data
+    return load_dataset(d.name, d.size, split, crop=d.crop, buckets=d.buckets, shuffle=d.shuffle, multiple=cfg.factor)
+
+
+def amount(data) -> str:
+    return f"{len(data)}" if not hasattr(data, "next") else f"a stream of {len(data.urls)} shards of"
 
 
 def frozen_base(path):
@@ -148,8 +163,8 @@ def train_on_base(cfg: Config, run_dir: Path, base):
     from .adapters import LoraUNet
 
     _, model, ae, ae_dir, family = base
-    base = Path((cfg.lora or cfg.controlnet).base)
-    data = load_dataset(cfg.data.name, cfg.data.size)
+    base = Path(base_path(cfg))
+    data = data_of(cfg)
     rank, world, device = distributed()
     say = print if rank == 0 else (lambda *a: None)
     hints = None
@@ -179,6 +194,13 @@ def train_on_base(cfg: Config, run_dir: Path, base):
         net = ConditionedUNet(controlled, model.conditioner.requires_grad_(False)) if conditioned else controlled
         what = (f"ControlNet ({sum(p.numel() for p in cn.parameters()) / 1e6:.2f}M parameters, "
                 f"{cfg.controlnet.kind} controls)")
+    elif cfg.init:  # a full fine-tune: the U-Net learns, the text encoder(s) and autoencoder stay frozen
+        net = model
+        if conditioned:
+            model.conditioner.requires_grad_(False)
+        unet = model.unet if conditioned else model
+        unet.requires_grad_(True)
+        what = f"fine-tuning the {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M-parameter U-Net"
     elif cfg.lora.embedding:  # textual inversion: one new token's vectors learn, everything else frozen
         net, token = _token_model(cfg, model, data), cfg.lora.embedding
         what = f"textual inversion: {token!r} as {cfg.lora.vectors} vector(s)"
@@ -199,10 +221,11 @@ def train_on_base(cfg: Config, run_dir: Path, base):
         return diffusion_loss(model, batch, g, schedule=schedule, prediction=cfg.diffusion.prediction,
                               weighting=cfg.diffusion.loss_weighting)
 
-    trainer = Trainer(run_dir, net, loss_fn, data, cfg.train, evaluate=evaluate, device=device)
+    (model.unet if conditioned else model).checkpointing = cfg.train.checkpointing
+    trainer = Trainer(run_dir, net, loss_fn, data, cfg.train, evaluate=evaluate, device=device, keep_frozen=False)
     if trainer.resume():
         say(f"resuming {run_dir} from step {trainer.step}")
-    say(f"{what} of {base}, {len(data)} samples of {cfg.data.name}")
+    say(f"{what} of {base}, {amount(data)} samples of {cfg.data.name}")
     trainer.fit()
     if rank == 0 and cfg.controlnet:
         from .controlnet import RUN_FILE, save_controlnet
@@ -212,6 +235,9 @@ def train_on_base(cfg: Config, run_dir: Path, base):
         save_controlnet(cn, run_dir / "controlnet")
         say(f"wrote {run_dir / RUN_FILE} and {run_dir / 'controlnet'}/ (use it: nanosd generate {base} PROMPT "
             f"--controlnet {run_dir / RUN_FILE} --control-image CONTROL.png)")
+    elif rank == 0 and cfg.init:
+        say(f"wrote {run_dir / run.WEIGHTS} (the fine-tuned U-Net; use it: nanosd generate {run_dir} PROMPT, "
+            f"or as one file for A1111: nanosd convert {run_dir} model.safetensors)")
     elif rank == 0 and cfg.lora.embedding:  # as A1111 reads embeddings: RUN/TOKEN.safetensors (emb_params)
         vectors = trainer.ema.conditioner.text.model.embeddings.token_embedding.extra
         save_tensors({"emb_params": vectors.detach().float().contiguous()}, run_dir / f"{token}.safetensors")
@@ -309,8 +335,11 @@ def train_autoencoder(cfg: Config, ae_dir: Path, data, tcfg: TrainConfig, device
 
     if distributed()[0] == 0:
         run.write_config(cfg, ae_dir)
-    held_out = load_dataset(cfg.data.name, cfg.data.size, split="test")
-    held_out = (held_out if len(held_out) else data).spread(500)
+    if hasattr(data, "next"):  # a stream has no test split: its first images
+        held_out = data.preview(500)["image"]
+    else:
+        held_out = data_of(cfg, split="test")
+        held_out = (held_out if len(held_out) else data).spread(500)
     torch.manual_seed(tcfg.seed)
     ae = Autoencoder(cfg.autoencoder)
 
@@ -347,6 +376,11 @@ def latent_data(cfg: Config, ae_dir: Path, ae, data):
     if concat and not isinstance(data, ImageSet):
         raise ValueError("spatial-condition recipes keep the pixels in memory: train them on a data set or "
                          "an image folder, not on shards")
+    if hasattr(data, "next"):  # streamed images: each batch encoded as it is read
+        with torch.no_grad():
+            scale = cfg.diffusion.scale_factor or round(
+                1 / ae.encode(data.preview(256)["image"].to(next(ae.parameters()).device)).mode().std().item(), 5)
+        return data.use_autoencoder(ae, scale), scale
     latents = encode_dataset(ae, data, ae_dir, cfg)
     scale = cfg.diffusion.scale_factor or round(1 / latents.std().item(), 5)
     return ImageSet(latents * scale, data.labels, data.classes, data.captions, data.images if concat else None), scale
@@ -362,9 +396,8 @@ def with_condition(cfg: Config, data) -> Config:
     if not prompts:
         if c.encoder == "labels":
             prompts = list(data.classes)
-        elif data.captions and c.encoder != "none":
-            idx = data.spread_index(len(data.classes) or 8).tolist()
-            prompts = list(dict.fromkeys(data.captions[i][0] for i in idx))
+        elif c.encoder != "none" and (captions := data.preview(len(data.classes) or 8).get("captions")):
+            prompts = list(dict.fromkeys(caps[0] for caps in captions if caps[0]))
     return replace(cfg, condition=c, sample=replace(cfg.sample, prompts=prompts))
 
 

@@ -9,6 +9,11 @@ The global batch splits into micro-batches of train.micro_batch images; rank r t
 (accumulating gradients over its share), so the images seen, their order and every random draw are the same for
 any number of processes: N processes and 1 process accumulating over the same micro-batches take the same step.
 Rank 0 alone writes checkpoints, logs and grids, and decides when the wall-clock budget is spent.
+
+Streamed shards (StreamSet) have no index: each rank takes its next micro-batches from its own stream, and a
+resumed run restarts the streams after the shards already read (approximately; see shards.py).
+Frozen parameters (a pretrained text encoder, a fine-tuned model's conditioner) are not checkpointed: the recipe
+rebuilds them; the EMA copy shares them.
 """
 import contextlib
 import copy
@@ -61,22 +66,28 @@ class _Step(torch.nn.Module):
 class Trainer:
     """Trains `model` on `loss_fn(model, batch, generator, step)`, which returns the loss or a dict of terms with
     "loss" among them. A loss that learns (an nn.Module: the autoencoder's discriminator) is optimised too.
-    `evaluate(step, ema_model)` writes grids and may return metrics for the log; it runs every sample_every steps."""
+    `evaluate(step, ema_model)` writes grids and may return metrics for the log; it runs every sample_every steps.
+    keep_frozen=False: model.safetensors holds only what learned (a run on a base model, which supplies the rest)."""
 
-    def __init__(self, run_dir, model, loss_fn, data, cfg: TrainConfig, *, evaluate=None, device=None):
-        self.run_dir, self.cfg, self.data = Path(run_dir), cfg, data
+    def __init__(self, run_dir, model, loss_fn, data, cfg: TrainConfig, *, evaluate=None, device=None,
+                 keep_frozen=True):
+        self.run_dir, self.cfg, self.data, self.keep_frozen = Path(run_dir), cfg, data, keep_frozen
         self.rank, self.world, auto = distributed()
         self.device = torch.device(device) if device else auto
         self.model = model.to(self.device)
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        frozen = {id(p): p for p in self.model.parameters() if not p.requires_grad}
+        self.ema = copy.deepcopy(self.model, memo=frozen).requires_grad_(False)  # what is frozen stays shared
+        self.frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         self.params = list(self.model.parameters()) + list(self.loss_modules().parameters())
+        self.stream = hasattr(data, "next")  # streamed shards: no index, each rank reads its own
+        self.stream_state = {}
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.evaluate = evaluate
         self.step, self.elapsed = 0, 0.0
         if not cfg.steps and not cfg.minutes:
             raise ValueError("no training budget: set train.steps or --minutes")
-        if len(data) < cfg.batch_size:
+        if not self.stream and len(data) < cfg.batch_size:
             raise ValueError(f"data set has {len(data)} images, fewer than train.batch_size={cfg.batch_size}")
         self.micro = cfg.micro_batch or cfg.batch_size // self.world
         if cfg.batch_size % self.micro or (cfg.batch_size // self.micro) % self.world:
@@ -90,9 +101,13 @@ class Trainer:
         return self.loss_fn if isinstance(self.loss_fn, torch.nn.Module) else torch.nn.Module()
 
     # --- state ---
+    def learned(self, module) -> dict:
+        """The state a checkpoint keeps: everything but frozen parameters, which the recipe rebuilds."""
+        return {k: v for k, v in module.state_dict().items() if k not in self.frozen}
+
     def state_tensors(self):
-        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        t.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        t = {f"model.{k}": v for k, v in self.learned(self.model).items()}
+        t.update({f"ema.{k}": v for k, v in self.learned(self.ema).items()})
         t.update({f"loss.{k}": v for k, v in self.loss_modules().state_dict().items()})
         for i, s in self.opt.state_dict()["state"].items():
             t.update({f"optim.{i}.{k}": v for k, v in s.items()})
@@ -102,16 +117,23 @@ class Trainer:
         if self.rank:  # one writer
             return
         meta = {"step": str(self.step), "elapsed": repr(self.elapsed)}
+        if self.stream:
+            meta["stream"] = json.dumps(self.data.state())
         save_tensors(self.state_tensors(), self.run_dir / STATE, metadata=meta)
-        save_tensors(self.ema.state_dict(), self.run_dir / WEIGHTS, metadata=meta)
+        save_tensors(self.ema.state_dict() if self.keep_frozen else self.learned(self.ema), self.run_dir / WEIGHTS,
+                     metadata=meta)
 
     def resume(self) -> bool:
         path = self.run_dir / STATE
         if not path.exists():
             return False
         t, meta = load_tensors(path), read_metadata(path)
-        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
+        for prefix, module in (("model.", self.model), ("ema.", self.ema)):
+            missing, unexpected = module.load_state_dict({k[len(prefix):]: v for k, v in t.items()
+                                                          if k.startswith(prefix)}, strict=False)
+            if unexpected or set(missing) - self.frozen:
+                raise ValueError(f"{path} does not hold this run's model (missing {missing[:3]}, unexpected "
+                                 f"{unexpected[:3]}): start a new run folder")
         self.loss_modules().load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("loss.")})
         opt_state = self.opt.state_dict()
         for k, v in t.items():
@@ -120,6 +142,7 @@ class Trainer:
                 opt_state["state"].setdefault(int(i), {})[name] = v
         self.opt.load_state_dict(opt_state)
         self.step, self.elapsed = int(meta["step"]), float(meta["elapsed"])
+        self.stream_state = json.loads(meta.get("stream", "{}"))
         # the log continues as if the run had never stopped
         log = self.run_dir / METRICS
         if log.exists() and self.rank == 0:
@@ -129,7 +152,11 @@ class Trainer:
 
     # --- the loop ---
     def batch(self, step, lo=0, hi=None):
-        """Images lo:hi of the global batch of `step`: each epoch a fresh permutation, drawn from (seed, epoch)."""
+        """Images lo:hi of the global batch of `step`: each epoch a fresh permutation, drawn from (seed, epoch).
+        From a stream: this rank's next hi - lo samples."""
+        if self.stream:
+            return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in self.data.next(hi - lo).items()}
         n, B = len(self.data), self.cfg.batch_size
         per_epoch = n // B
         epoch, i = divmod(step, per_epoch)
@@ -192,7 +219,8 @@ class Trainer:
         self.opt.step()
         decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+            pairs = [(e, p) for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
         self.step += 1
         return {k: float(v.detach()) for k, v in terms.items()}, lr
 
@@ -200,6 +228,10 @@ class Trainer:
         c = self.cfg
         total = c.steps or None
         lead = self.rank == 0
+        if self.stream:
+            done = self.data.open(self.rank, self.world, c.seed, self.step * c.batch_size, self.stream_state)
+            if done and lead:
+                print(f"the shard streams restart after the {done} shards read in {self.step} steps")
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, disable=not lead)
         log = open(self.run_dir / METRICS, "a") if lead else open(os.devnull, "w")
         old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C
@@ -224,6 +256,8 @@ class Trainer:
                     rec = {"step": self.step, **{k: sum(d[k] for d in losses) / len(losses) for k in losses[0]},
                            "lr": lr, "images_per_s": round(ips, 1), "elapsed_s": round(self.elapsed, 1),
                            "world_size": self.world}
+                    if self.stream and (self.data.skipped or self.data.bad_shards):
+                        rec.update(skipped_samples=self.data.skipped, unreadable_shards=len(self.data.bad_shards))
                     log.write(json.dumps(rec) + "\n"), log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{ips:.0f}")
                     losses, t_log = [], time.perf_counter()

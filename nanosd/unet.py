@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -241,6 +242,13 @@ class Encoder(nn.Module):
             ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups), self.attention(ch, len(cfg.channel_mult) - 1),
             ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups))
 
+    checkpointing = False  # training: each block's activations recomputed in the backward pass (memory for time)
+
+    def run(self, block, h, *args):
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False)
+        return block(h, *args)
+
     def attention(self, ch, level):
         c = self.cfg
         return SpatialTransformer(ch, c.heads(level), c.depth(level), c.context_dim, c.dropout, c.norm_groups,
@@ -293,14 +301,14 @@ class UNet(Encoder):
         h, context, emb = self.embed(x, t, context, y, concat)
         hs = []
         for block in self.input_blocks:
-            h = block(h, emb, context, context_mask)
+            h = self.run(block, h, emb, context, context_mask)
             hs.append(h)
-        h = self.middle_block(h, emb, context, context_mask)
+        h = self.run(self.middle_block, h, emb, context, context_mask)
         if control is not None:
             hs = [s + c.to(s.dtype) for s, c in zip(hs, control)]
             h = h + control[-1].to(h.dtype)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+            h = self.run(block, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
 
 
