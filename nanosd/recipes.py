@@ -284,6 +284,9 @@ def _token_model(cfg, model, data):
     if c is None or c.text2 is not None:
         raise ValueError("textual inversion trains here for one-text-encoder models (runs with encoder = \"clip\", "
                          "SD 1.x/2.x): this model has none, or two")
+    if data.captions is None:
+        raise ValueError("textual inversion puts its token into the captions in memory: train it on a folder of "
+                         "images with captions (NAME.png + NAME.txt) or on shards written by 'nanosd data shard'")
     model.requires_grad_(False)
     learn_token(c.text, token, cfg.lora.vectors, cfg.lora.init)
     data.captions = [[p if token in p else f"{token} {p}" for p in caps] for caps in data.captions]

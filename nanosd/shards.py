@@ -177,7 +177,7 @@ class StreamSet:
         self.shard_count = [0, 0]  # shards read to the end, and their samples: the resume estimate
         first = self._first()
         self.channels = 1 if first["mode"] in ("1", "L", "I", "I;16") else 3
-        self.latent_info, self.has_captions = first["latent"], first["captions"]
+        self.latent_info = first["latent"]
         self.classes, self.labels, self.captions = [], None, None
 
     # --- reading ---
@@ -217,7 +217,7 @@ class StreamSet:
             if "latent.npy" in sample:
                 shape = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False).shape
                 latent = {"autoencoder": meta.get("autoencoder"), "shape": list(shape)}
-            return {"mode": mode, "latent": latent, "captions": caption_of(sample) is not None}
+            return {"mode": mode, "latent": latent}
         raise ValueError(f"no image could be read from {self.spec} ({len(self.urls)} shards): look at the shards "
                          f"with 'tar tvf', or give other ones")
 
@@ -417,7 +417,7 @@ class ShardSet:
     def _image(self, i):
         if self.scale is not None:
             return torch.from_numpy(np.load(io.BytesIO(self._read(i, "latent.npy")), allow_pickle=False)) * self.scale
-        a = np.asarray(Image.open(io.BytesIO(self._read(i, "png"))))
+        a = np.array(Image.open(io.BytesIO(self._read(i, "png"))))
         a = a[..., None] if a.ndim == 2 else a
         return to_float(torch.from_numpy(a)[None], self.size or a.shape[0])[0]
 

@@ -80,7 +80,6 @@ class Trainer:
         self.ema = copy.deepcopy(self.model, memo=frozen).requires_grad_(False)  # what is frozen stays shared
         self.frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         self.params = list(self.model.parameters()) + list(self.loss_modules().parameters())
-        self.stream = hasattr(data, "next")  # streamed shards: no index, each rank reads its own
         self.stream_state = {}
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.evaluate = evaluate
@@ -96,6 +95,11 @@ class Trainer:
         step = _Step(self.model, self.loss_modules(), self.loss_fn)
         self.forward = step if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
             step, find_unused_parameters=any(True for _ in self.loss_modules().parameters()))
+
+    @property
+    def stream(self) -> bool:
+        """Streamed shards: no index, each rank reads its own."""
+        return hasattr(self.data, "next")
 
     def loss_modules(self) -> torch.nn.Module:
         return self.loss_fn if isinstance(self.loss_fn, torch.nn.Module) else torch.nn.Module()

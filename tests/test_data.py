@@ -203,6 +203,9 @@ def test_an_sd_model_fine_tunes_from_shards_with_its_vae_latents_stored_ahead(tm
     kw = dict(steps=2, seed=0, height=32, width=32, output="tensor")
     assert (tuned.generate("a cat", **kw).images - base.generate("a cat", **kw).images).abs().max() > 1e-4
     assert (tmp_path / "tuned" / "samples.png").is_file()
+    assert main(["convert", str(run), str(tmp_path / "tuned.safetensors")]) == 0  # one file for A1111
+    one = nanosd.load(tmp_path / "tuned.safetensors", config=sd)
+    torch.testing.assert_close(one.generate("a cat", **kw).images, tuned.generate("a cat", **kw).images, atol=1e-5, rtol=0)
     cfg = tmp_path / "tune.toml"  # under torchrun, and resumed by one process
     cfg.write_text(f'init = "{sd}"\n' + "\n".join(
         f"[{name}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
