@@ -229,9 +229,11 @@ class StreamSet:
             else:
                 ext = next(e for e in IMAGE_EXTS if e in sample)
                 im = Image.open(io.BytesIO(sample[ext]))
-                im.load()
                 ratio = math.log(im.height / im.width)
                 hw = (self.size, self.size) if square else min(self.buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+                cover = max(hw[0] / im.height, hw[1] / im.width)  # JPEGs decode at 1/2, 1/4, 1/8 when that covers
+                im.draft(im.mode, (math.ceil(im.width * cover), math.ceil(im.height * cover)))
+                im.load()
                 x = fit_image(im, hw, self.channels, self.crop, self.rng)
             return tuple(x.shape), {"image": x, "captions": caption_of(sample) or [""]}
         except Exception as e:  # noqa: BLE001 - whatever a broken file raises, the sample is skipped

@@ -15,35 +15,19 @@ import nanosd
 from nanosd.cli import main
 from nanosd.io import load_tensors, read_metadata
 from nanosd.shards import StreamSet, bucket_sizes, fit_image
+from test_distributed import CONFIG, run as torchrun
 
 wds = pytest.importorskip("webdataset")
 
 SIZES = [(40, 24), (16, 16), (24, 48), (64, 32), (20, 20)]  # (width, height)
 CORRUPT = 7
 
-TINY = """
-[data]
-name = "{data}"
-size = 16
-{extra}
-[unet]
-model_channels = 32
-channel_mult = [1, 2]
-num_res_blocks = 1
-attention_levels = [1]
-num_heads = 2
-[train]
-batch_size = 8
-micro_batch = 4
-lr = 1e-3
-warmup_steps = 2
-log_every = 1
-sample_every = 0
-checkpoint_every = 2
-[sample]
-steps = 2
-n = 4
-"""
+
+
+def tiny(data, extra=""):
+    """test_distributed's tiny recipe at 16 px on `data`, checkpointed every 2 steps."""
+    return CONFIG.format(data=data).replace("size = 8", f"size = 16\n{extra}", 1).replace("checkpoint_every = 100",
+                                                                                        "checkpoint_every = 2")
 
 
 def img2dataset_shards(folder, n=30, per_shard=10, size_of=lambda i: SIZES[i % len(SIZES)]):
@@ -69,7 +53,7 @@ def metrics(run):
 def test_img2dataset_shards_train_with_buckets_resume_and_stream_through_pipe(tmp_path, capsys):
     shards = img2dataset_shards(tmp_path / "i2d")
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY.format(data=shards, extra="buckets = true"))
+    cfg.write_text(tiny(shards, "buckets = true"))
     assert main(["train", str(cfg), "--steps", "4", "--out", str(tmp_path / "run")]) == 0  # 32 samples: one epoch
     log = metrics(tmp_path / "run")
     assert len(log) == 4 and log[-1]["skipped_samples"] == 1 and log[-1]["unreadable_shards"] == 0
@@ -79,7 +63,7 @@ def test_img2dataset_shards_train_with_buckets_resume_and_stream_through_pipe(tm
     assert "the shard streams restart after the 3 shards read in 4 steps" in capsys.readouterr().out
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
     # the same shards through a brace pattern of pipe: URLs (what streaming from object storage looks like)
-    cfg.write_text(TINY.format(data=f"pipe:cat {shards}/{{00000..00002}}.tar", extra='crop = "random"'))
+    cfg.write_text(tiny(f"pipe:cat {shards}/{{00000..00002}}.tar", 'crop = "random"'))
     assert main(["train", str(cfg), "--steps", "2", "--out", str(tmp_path / "piped")]) == 0
     assert len(metrics(tmp_path / "piped")) == 2
     assert nanosd.load(tmp_path / "piped").generate(batch_size=1, steps=2, output="tensor").images.shape == (1, 3, 16, 16)
@@ -175,7 +159,6 @@ def test_an_sd_model_fine_tunes_from_shards_with_its_vae_latents_stored_ahead(tm
     cropped to 32 px); the fine-tune streams them through pipe: without running the encoder, with gradient
     checkpointing; the run loads as its base with the learned U-Net, and resumes under torchrun."""
     pytest.importorskip("diffusers")
-    from test_distributed import run as torchrun
     from test_sd import tiny_reference
 
     from nanosd.autoencoder import Autoencoder
