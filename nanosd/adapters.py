@@ -14,6 +14,7 @@ Textual inversion: new token vectors (A1111's `.pt` `string_to_param` and `.safe
 learned_embeds, SDXL's `clip_l` + `clip_g`), appended to each text encoder's token embedding and used where the
 prompt names them.
 """
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,6 +364,22 @@ class LoraUNet(OnFrozen):
             m.register_forward_hook(lambda mod, inputs, out, key=key: LoraUNet._add(mod, key, inputs[0], out))
         if not self.down:
             raise ValueError(f"lora.targets {list(targets)} name no Linear or Conv2d module of the U-Net")
+        base.checkpoint_context = LoraUNet._recompute_context  # gradient checkpointing recomputes with the deltas
+
+    @staticmethod
+    def _recompute_context():
+        """(forward, recomputation) contexts: the blocks are recomputed in the backward pass, after forward() has
+        returned, so the LoRA active in the forward is made active again around the recomputation."""
+        me = LoraUNet.active
+
+        @contextlib.contextmanager
+        def active():
+            previous, LoraUNet.active = LoraUNet.active, me
+            try:
+                yield
+            finally:
+                LoraUNet.active = previous
+        return contextlib.nullcontext(), active()
 
     @staticmethod
     def _add(module, key, x, out):

@@ -243,10 +243,13 @@ class Encoder(nn.Module):
             ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups))
 
     checkpointing = False  # training: each block's activations recomputed in the backward pass (memory for time)
+    checkpoint_context = staticmethod(torch.utils.checkpoint.noop_context_fn)  # what the recomputation must see
+    # again (a LoRA being trained: its deltas)
 
     def run(self, block, h, *args):
         if self.checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False,
+                                                     context_fn=self.checkpoint_context)
         return block(h, *args)
 
     def attention(self, ch, level):

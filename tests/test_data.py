@@ -136,7 +136,7 @@ def test_nanosd_shards_are_read_by_webdataset_with_every_field(tmp_path):
         torch.testing.assert_close(torch.from_numpy(r["latent.npy"]), images[i, :2, ::2, ::2] * 2)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients_with_and_without_a_lora():
     from nanosd.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
@@ -155,6 +155,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
         runs.append(len(calls))
     assert runs == [1, 2] and grads[0].abs().max() > 0  # recomputed in the backward pass, to the same gradients
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    # a LoRA on the frozen U-Net: its deltas are active again when the blocks are recomputed
+    from nanosd.adapters import LoraUNet
+
+    lora = LoraUNet(unet, rank=2, alpha=2.0)
+    for p in lora.up.values():
+        torch.nn.init.normal_(p, std=0.1)
+    grads = []
+    for checkpointing in (False, True):
+        lora.zero_grad()
+        unet.checkpointing = checkpointing
+        lora(x, t).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lora.parameters()]))
+    assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
