@@ -171,7 +171,7 @@ class StreamSet:
             raise ValueError(f"data.crop {crop!r} is unknown: choose center or random")
         self.spec, self.urls, self.size, self.crop, self.shuffle = str(spec), shard_urls(spec), size, crop, shuffle
         self.buckets = bucket_sizes(size, multiple) if buckets else [(size, size)]
-        self.skipped, self.bad_shards, self.first_error = 0, [], None
+        self.skipped, self.decoded, self.bad_shards, self.first_error = 0, 0, [], None
         self.scale, self.autoencoder, self.stream = None, None, None
         self.rng = random.Random(0)
         self.shard_count = [0, 0]  # shards read to the end, and their samples: the resume estimate
@@ -293,7 +293,7 @@ class StreamSet:
         done = int(consumed // per_shard) if per_shard and consumed else 0
         raw = self._samples(rank, world, seed, done)
         if self.shuffle > 1:
-            raw = wds.filters._shuffle(raw, self.shuffle, min(self.shuffle, 100), seed=seed * 1_000_003 + rank + done)
+            raw = wds.shuffle(self.shuffle, min(self.shuffle, 100), seed=seed * 1_000_003 + rank + done)(raw)
         self.stream, self.pending = raw, {}
         self.rng = random.Random(seed * 1_000_003 + rank + done)  # random crops
         return done
@@ -308,7 +308,11 @@ class StreamSet:
             self.open(0, 1, 0)
         for sample in self.stream:
             if (d := self.decode(sample)) is None:
+                if self.skipped >= 100 and not self.decoded:
+                    raise ValueError(f"none of the first {self.skipped} samples of {self.spec} could be decoded "
+                                     f"(first: {self.first_error[:300]}): look at the shards, or give other ones")
                 continue
+            self.decoded += 1
             group = self.pending.setdefault(d[0], [])
             group.append(d[1])
             if len(group) == n:
