@@ -236,7 +236,7 @@ def cmd_data_shard(a):
     from .shards import write_shards
 
     size = a.size or (28 if "mnist" in a.src else 64)
-    data = load_dataset(a.src, size, shuffle=0)
+    data = load_dataset(a.src, size)  # read once, in order
     encode = key = None
     if a.autoencoder:  # a latent run (or its autoencoder/), or a Stable Diffusion model: E(x) beside each image
         if is_run(autoencoder_dir(a.autoencoder)):

@@ -65,7 +65,7 @@ class TrainConfig:
     minutes: float = 0.0  # wall-clock budget (with steps: a cap); 0: no time limit (use steps)
     bf16: bool = False  # bf16 autocast (slower than fp32 for small convolutions on CPU)
     checkpointing: bool = False  # gradient checkpointing: the U-Net's blocks recomputed in the backward pass
-    # (a third more time for a fraction of the activations' memory: full-size SD fine-tunes)
+    # (SD 1.5 at 256², batch 1: a fifth more time; the activations' memory, which grows with the micro-batch)
     seed: int = 0
     log_every: int = 25
     sample_every: int = 500  # steps between sample grids (0: only at the end)

@@ -178,13 +178,14 @@ def load_dataset(name: str, size: int, split: str = "train", **stream) -> ImageS
     or a folder of images, as floats in [-1, 1] at `size` px."""
     from .shards import ShardSet, StreamSet, is_shards
 
-    if Path(name).is_dir() and (Path(name) / "index.json").is_file():
-        return ShardSet(name, size)
     if is_shards(name):
         return StreamSet(name, size, **stream)
-    if stream.get("buckets") or stream.get("crop", "center") != "center":
-        raise ValueError(f"data.buckets and data.crop = 'random' apply to tar shards, and {name} is not a shard set: "
-                         "write it as shards with 'nanosd data shard', or leave them at their defaults")
+    if stream.get("buckets") or stream.get("crop", "center") != "center" or stream.get("shuffle", 1000) != 1000:
+        raise ValueError(f"data.buckets and data.crop = 'random' apply to tar shards (data.shuffle too: streamed ones), "
+                         f"and {name} is not streamed (sets in memory and nanosd's indexed shards are shuffled whole, "
+                         "at one size): leave them at their defaults")
+    if Path(name).is_dir() and (Path(name) / "index.json").is_file():
+        return ShardSet(name, size)
     if Path(name).is_dir():
         return _load_folder(Path(name), size)
     path = fetch(name)

@@ -18,6 +18,7 @@ from .images import save_grid
 from .io import cache_dir, load_tensors, save_tensors
 from .preprocess import control_images
 from .schedule import Schedule
+from .shards import streamed
 from .train import Trainer, distributed
 from .unet import UNet
 
@@ -63,6 +64,9 @@ def train(cfg: Config | None, run_dir, *, minutes=None, steps=None, autoencoder=
         base = frozen_base(base_path(cfg))
         cfg = on_base(cfg, base)
     cfg = _open_run(cfg, run_dir, minutes, steps)
+    if autoencoder is not None and (base_path(cfg) or not cfg.autoencoder):
+        raise ValueError("--autoencoder gives a latent recipe its autoencoder; this recipe "
+                         + ("takes its base's" if base_path(cfg) else "has no [autoencoder]") + ": leave it out")
     if base_path(cfg):
         return train_on_base(cfg, run_dir, base or frozen_base(base_path(cfg)))
     data = data_of(cfg)
@@ -125,7 +129,7 @@ def data_of(cfg: Config, split="train"):
 
 
 def amount(data) -> str:
-    return f"{len(data)}" if not hasattr(data, "next") else f"a stream of {len(data.urls)} shards of"
+    return f"a stream of {len(data.urls)} shards of" if streamed(data) else f"{len(data)}"
 
 
 def frozen_base(path):
@@ -338,7 +342,7 @@ def train_autoencoder(cfg: Config, ae_dir: Path, data, tcfg: TrainConfig, device
 
     if distributed()[0] == 0:
         run.write_config(cfg, ae_dir)
-    if hasattr(data, "next"):  # a stream has no test split: its first images
+    if streamed(data):  # a stream has no test split: its first images
         held_out = data.preview(500)["image"]
     else:
         held_out = data_of(cfg, split="test")
@@ -379,7 +383,7 @@ def latent_data(cfg: Config, ae_dir: Path, ae, data):
     if concat and not isinstance(data, ImageSet):
         raise ValueError("spatial-condition recipes keep the pixels in memory: train them on a data set or "
                          "an image folder, not on shards")
-    if hasattr(data, "next"):  # streamed images: each batch encoded as it is read
+    if streamed(data):  # streamed images: each batch encoded as it is read
         with torch.no_grad():
             scale = cfg.diffusion.scale_factor or round(
                 1 / ae.encode(data.preview(256)["image"].to(next(ae.parameters()).device)).mode().std().item(), 5)

@@ -161,6 +161,10 @@ def is_shards(spec) -> bool:
     return spec.endswith(".tar") or "{" in spec or "://" in spec or spec.startswith("pipe:") or "::" in spec
 
 
+def streamed(data) -> bool:
+    return isinstance(data, StreamSet)
+
+
 class StreamSet:
     """Tar shards streamed: `next(n)` gives this rank's next n samples (images resized and cropped to `size`, or
     to their aspect-ratio bucket; latents when the shards hold them or an autoencoder encodes them); `preview(n)`
