@@ -262,3 +262,59 @@ def ssim(a, b, window=7, sigma=1.5):
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.mean(dim=(1, 2, 3))
+
+
+# --- the tiny decoder (TAESD's architecture, Bohan 2023): previews, and final images where speed matters more ---
+
+class TinyBlock(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1))
+        self.skip, self.fuse = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class SoftClamp(nn.Module):
+    def forward(self, z):
+        return torch.tanh(z / 3) * 3
+
+
+class TinyDecoder(nn.Sequential):
+    """Model-space latents (the U-Net's: already times the scale factor) -> pixels in [-1, 1], without the
+    autoencoder: plain 3x3 convolutions and ReLUs, 64 channels, one 2x upsampling per halving. Its layers are
+    numbered as TAESD's `taesd_decoder` files (`1.weight`, `3.conv.0.weight`, ...), so they load as they are; at
+    512 px about 1/20 of SD's VAE decoder's work."""
+
+    def __init__(self, latent_channels=4, out_channels=3, upsamples=3, width=64):
+        layers = [SoftClamp(), nn.Conv2d(latent_channels, width, 3, padding=1), nn.ReLU()]
+        for _ in range(upsamples):
+            layers += [TinyBlock(width), TinyBlock(width), TinyBlock(width), nn.Upsample(scale_factor=2),
+                       nn.Conv2d(width, width, 3, padding=1, bias=False)]
+        layers += [TinyBlock(width), nn.Conv2d(width, out_channels, 3, padding=1)]
+        super().__init__(*layers)
+        self.factor = 2 ** upsamples
+
+    def forward(self, z):
+        return super().forward(z.to(self[1].weight)) * 2 - 1  # TAESD's images are in [0, 1]
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, what: str) -> "TinyDecoder":
+        """A TAESD decoder from its file's tensors: TAESD's own (`taesd_decoder.safetensors`, `taesdxl_decoder`,
+        ...), or diffusers' AutoencoderTiny (`decoder.layers.N`: numbered from 0, without the clamp)."""
+        from .io import load_into
+
+        if any(k.startswith("decoder.layers.") for k in tensors):
+            tensors = {f"{int(k.split('.')[2]) + 1}.{k.split('.', 3)[3]}": v for k, v in tensors.items()
+                       if k.startswith("decoder.layers.")}
+        convs = sorted((int(k.split(".")[0]), v) for k, v in tensors.items() if k.count(".") == 1 and
+                       k.endswith("weight") and k.split(".")[0].isdigit())
+        if not convs or convs[0][0] != 1:
+            raise ValueError(f"{what}: not a TAESD decoder (no '1.weight' or 'decoder.layers.0.weight'); give "
+                             "taesd_decoder.safetensors (or a diffusers AutoencoderTiny file)")
+        first, last = convs[0][1], convs[-1][1]
+        decoder = cls(first.shape[1], last.shape[0], (len(convs) - 2), first.shape[0])
+        load_into(decoder, tensors, what)
+        return decoder

@@ -10,6 +10,13 @@ def cmd_train(a):
     from .config import load_config
     from .recipes import train
 
+    if a.tiny_decoder:  # a finished latent run: its tiny decoder, distilled
+        from .recipes import distill_tiny_decoder
+
+        if a.overrides or a.autoencoder:
+            raise ValueError("--tiny-decoder distils a finished run's autoencoder: give the run folder alone")
+        print(f"done: {distill_tiny_decoder(a.config, minutes=a.minutes, steps=a.steps)}")
+        return
     if Path(a.config).is_dir():  # resume a run folder
         if a.overrides:
             raise ValueError("overrides cannot change a run being resumed: start a new run with a config file")
@@ -33,7 +40,9 @@ def cmd_generate(a):
     control_flags(a)
     replay = replayed(a)
     pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema, config=a.config,
-                family=a.family, prediction=a.prediction)
+                family=a.family, prediction=a.prediction, threads=a.threads)
+    if a.tiny_decoder:
+        pipe.load_tiny_decoder(a.tiny_decoder)
     pipe.progress = True
     add_loras(pipe, a)
     replayed_prompt = replay.pop("prompt", None)
@@ -56,7 +65,8 @@ def cmd_generate(a):
                  rng=a.rng, subseed=a.subseed, subseed_strength=a.subseed_strength, seed_resize_from_w=resize_w,
                  seed_resize_from_h=resize_h, eta_noise_seed_delta=a.ensd,
                  hires=Hires(**{**vars(replay.get("hires") or Hires()), **hires}) if hires else None,
-                 negative_prompt=a.negative)
+                 negative_prompt=a.negative, cfg_end=a.cfg_end, cache_interval=a.cache_interval,
+                 cache_depth=a.cache_depth, tome=a.tome, decoder=a.decoder, fast=a.fast or None)
     kw = {**replay, **{k: v for k, v in given.items() if v is not None}}  # flags given win over the image's
     negative, strength = kw.pop("negative_prompt", None), kw.pop("strength", None)  # an image's: img2img's only
     strength = getattr(a, "strength", None) if getattr(a, "strength", None) is not None else strength
@@ -118,6 +128,23 @@ def replayed(a) -> dict:
 def cmd_info(a):
     from .images import read_parameters
     from .request import from_infotext
+
+    if not a.image:  # the machine: what load() chooses here, and why
+        import torch
+
+        from .fast import choose_precision, cpu_facts, measured, set_threads
+
+        set_threads(a.threads)
+        facts = cpu_facts()
+        print(f"CPU: {facts['name']}, {facts['physical_cores']} physical cores; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, capability {facts['capability']}")
+        print(f"flags: {' '.join(facts['flags']) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}")
+        if {"avx512_bf16", "amx_bf16", "bf16"} & set(facts["flags"]):
+            speed = measured(facts)
+            print(f"matmul (1024², cached): fp32 {speed['fp32']:.0f} GFLOP/s, bf16 {speed['bf16']:.0f} GFLOP/s")
+        precision, why = choose_precision(facts)
+        print(f'precision="auto" -> {precision}: {why}')
+        return
 
     text = read_parameters(open_image(a.image), a.image)
     fields, rest = from_infotext(text)
@@ -198,7 +225,7 @@ def cmd_convert(a):
     if a.lora_dir or a.embedding_dir:  # folders serve prompts, and convert has none
         raise ValueError("convert bakes --lora FILE[:W] into the checkpoint; --lora-dir and --embedding-dir serve "
                          "prompts when generating: give them to generate or serve")
-    pipe = load(a.src, vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
+    pipe = load(a.src, "fp32", vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
     add_loras(pipe, a, merge=True)  # written merged: a checkpoint with the LoRAs baked in
     out = save(pipe, a.dst, dtype={"fp32": None, "fp16": torch_dtype("float16"), "bf16": torch_dtype("bfloat16")}[a.dtype])
     print(f"wrote {out}")
@@ -245,7 +272,7 @@ def cmd_data_shard(a):
         else:
             from .pipeline import load
 
-            ae, key = load(a.autoencoder).autoencoder, weights_key(a.autoencoder)
+            ae, key = load(a.autoencoder, "fp32").autoencoder, weights_key(a.autoencoder)
 
         @torch.no_grad()
         def encode(x):
@@ -264,7 +291,8 @@ def cmd_serve(a):
 
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, family=a.family, prediction=a.prediction,
           config=a.config, loras=a.lora, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
-          controlnet_dirs=a.controlnet_dir or (), models_dir=a.models_dir, outdir=a.outdir)
+          controlnet_dirs=a.controlnet_dir or (), models_dir=a.models_dir, outdir=a.outdir, precision=a.precision,
+          threads=a.threads, tiny_decoder=a.tiny_decoder)
 
 
 def cmd_eval(a):
@@ -306,6 +334,11 @@ def load_options(p):
     p.add_argument("--lora-dir", action="append", help="where prompt tags <lora:NAME:W> find NAME.safetensors")
     p.add_argument("--embedding-dir", action="append", help="textual-inversion embeddings, each used in prompts by "
                                                             "its file's stem (repeatable)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 where this CPU does it faster (`nanosd info`), else fp32 (exact)")
+    p.add_argument("--threads", type=int, help="torch's threads (default: one per physical core; $NANOSD_THREADS)")
+    p.add_argument("--tiny-decoder", help="TAESD's decoder file for this model (taesd_decoder.safetensors; "
+                                          "taesdxl_decoder for SDXL): previews, and --decoder tiny")
 
 
 def main(argv=None):
@@ -319,6 +352,8 @@ def main(argv=None):
     t.add_argument("--minutes", type=float, help="wall-clock budget in minutes")
     t.add_argument("--steps", type=int, help="budget in optimizer steps")
     t.add_argument("--autoencoder", help="latent recipes: reuse the autoencoder of this run folder")
+    t.add_argument("--tiny-decoder", action="store_true", help="a finished latent run folder: distil its "
+                   "autoencoder's decoder into a tiny one (TAESD's shape; RUN/tiny_decoder, default 300 steps)")
     t.set_defaults(fn=cmd_train)
 
     def sampling(g, image=True):
@@ -361,6 +396,16 @@ def main(argv=None):
         g.add_argument("--original-size", help="SDXL's size conditioning: WIDTHxHEIGHT (default: the output's)")
         g.add_argument("--crop", help="SDXL's crop conditioning: LEFTxTOP (default: 0x0)")
         g.add_argument("--aesthetic-score", type=float, help="the SDXL refiner's score (default 6)")
+        g.add_argument("--fast", action="store_true", help="less work per image, measured to keep quality: "
+                                                          "--cfg-end 0.5 --cache-interval 3 --tome 0.5 and the tiny "
+                                                          "decoder where there is one (flags given win)")
+        g.add_argument("--cfg-end", type=float, help="guide only the first fraction of the steps (1: all)")
+        g.add_argument("--cache-interval", type=int, help="DeepCache: the whole U-Net every N-th call, the others "
+                                                          "reuse its deep features (1: off)")
+        g.add_argument("--cache-depth", type=int, help="DeepCache: the skip below which features are reused (1)")
+        g.add_argument("--tome", type=float, help="token merging: the ratio of tokens merged in self-attention at "
+                                                  "the largest resolution (0: off; 0.5 typical)")
+        g.add_argument("--decoder", choices=["full", "tiny"], help="tiny: the tiny decoder for the final image")
         g.add_argument("--controlnet", action="append", help="a ControlNet (original .safetensors/.pth, a diff "
                                                              "file, or a diffusers folder); repeatable")
         g.add_argument("--control-image", action="append", help="its control image (one per --controlnet, or one)")
@@ -375,7 +420,6 @@ def main(argv=None):
         load_options(g)
         g.add_argument("--vae", help="SD checkpoints: a VAE file to use instead of the checkpoint's")
         g.add_argument("--ema", action="store_true", help="SD single files: the EMA weights (model_ema.*)")
-        g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
         g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (the first image pays for it)")
         g.add_argument("--out", default="samples.png", help="FILE.png for an image or a grid, or DIR/ for one PNG each")
         g.set_defaults(fn=cmd_generate)
@@ -449,9 +493,10 @@ def main(argv=None):
     load_options(sv)
     sv.set_defaults(fn=cmd_serve)
 
-    i = sub.add_parser("info", help="the generation parameters an A1111 or nanosd image carries, and what "
-                                    "--from replays of them")
-    i.add_argument("image")
+    i = sub.add_parser("info", help="this machine: its CPU and the arithmetic load() chooses for it; or, given an "
+                                    "image, the generation parameters it carries and what --from replays of them")
+    i.add_argument("image", nargs="?")
+    i.add_argument("--threads", type=int, help="torch's threads to measure with (default: one per physical core)")
     i.set_defaults(fn=cmd_info)
 
     ci = sub.add_parser("control-image", help="a ControlNet's control image from a picture (canny edges, ...)")

@@ -221,7 +221,7 @@ def open_run(run):
     cfg = load_config(Path(run) / CONFIG)
     if not cfg.controlnet:
         raise ValueError(f"{run} is not a ControlNet run (no [controlnet] in its config)")
-    pipe = load(cfg.controlnet.base)
+    pipe = load(cfg.controlnet.base, "fp32")  # trained against: exact weights
     return cfg, pipe, load_controlnet(run, base=pipe)
 
 

@@ -80,7 +80,7 @@ def evaluate_run(run, n=1000, seed=0, batch=100):
     A conditioned model is prompted with those images' own captions (or classes), spread through the set."""
     from .pipeline import load
 
-    pipe = load(run)
+    pipe = load(run, "fp32")  # a measurement: the same arithmetic on every CPU
     name, size = pipe.cfg.data.name, pipe.cfg.data.size
     if is_shards(name):
         raise ValueError(f"FID compares against an indexed data set, and {run} trained on streamed shards ({name}): "

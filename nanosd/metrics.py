@@ -16,7 +16,7 @@ from .pipeline import load
 
 @torch.no_grad()
 def evaluate_concat(run, n=200, seed=0, batch=50) -> dict:
-    pipe = load(run)
+    pipe = load(run, "fp32")  # a measurement: the same arithmetic on every CPU
     c = pipe.conditioner
     if c is None or not c.cfg.concat:
         raise ValueError(f"{run} has no spatial condition: this measures inpainting, edge-map and upscaling models")

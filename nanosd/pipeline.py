@@ -13,11 +13,12 @@ from . import adapters
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config, load_config
 from .controlnet import residuals
+from .fast import FeatureCache, choose_precision, set_threads, token_merging
 from .formats import diffusers, sd
 from .images import as_tensor, to_pil
 from .io import load_into, load_tensors, read_checkpoint, save_tensors
 from .request import UPSCALERS, Generation, Request
-from .run import CONFIG, LORA, WEIGHTS, is_run, load_run
+from .run import CONFIG, LORA, TINY_DECODER, WEIGHTS, is_run, load_run
 from .samplers import after_step
 from .schedule import Schedule
 from .seeds import ImageNoise
@@ -40,7 +41,7 @@ class Pipeline:
         self.conditioner = conditioner.eval() if conditioner is not None else None
         if precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-        self.precision = precision
+        self.precision, self.precision_why = precision, "asked for"
         if precision == "bf16":  # weights in bf16 (half the memory, AMX matmuls); the sampler's arithmetic stays fp32
             for m in (self.unet, self.guide, self.autoencoder, self.text_encoder, self.text_encoder_2):
                 if m is not None:  # oneDNN's bf16 convolutions want channels-last
@@ -52,6 +53,8 @@ class Pipeline:
         self.lora_dirs = []  # where prompt tags <lora:NAME:W> find NAME.safetensors
         self.lora_cache = {}  # (path, mtime) -> the tags' LoRAs, read once
         self.embeddings = {}  # textual inversion: token -> what A1111's /sdapi/v1/embeddings says of it
+        self.tiny_decoder = None  # TAESD's decoder (load_tiny_decoder; a run's own distilled one): previews, and
+        # final images with decoder="tiny"
 
     @classmethod
     def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32", guide=None):
@@ -104,13 +107,15 @@ class Pipeline:
         z = z.float().cpu()
         if self.autoencoder is None:
             return (z / 2 + 0.5).clamp(0, 1)
+        if self.tiny_decoder is not None:
+            return (self.decode(z[None], tiny=True)[0].float().cpu() / 2 + 0.5).clamp(0, 1)
         if self.layout is not None and self.layout.latent_rgb:
             rgb = torch.einsum("chw,cr->rhw", z / self.cfg.diffusion.scale_factor, torch.tensor(self.layout.latent_rgb))
             return ((rgb + 1) / 2).clamp(0, 1)
         return (self.decode(z[None])[0].float().cpu() / 2 + 0.5).clamp(0, 1)
 
     def denoiser(self, cond=None, uncond=None, scale=1.0, autoguidance=1.0, rescale=0.0, controls=(), hints=(),
-                 step=(0, 1)):
+                 step=(0, 1), cfg_end=1.0, cache=None):
         """model(x, t) -> eps, whatever the U-Net was trained to predict. With a condition and scale != 1,
         classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond), both in one batch [uncond; cond]
         as diffusers runs it (eps, v and x_0 are linear in each other at fixed x_t, so guiding the raw output is
@@ -118,15 +123,17 @@ class Pipeline:
         `rescale` (diffusers' guidance_rescale, Lin et al. 2023 eq. 16) brings the guided output's standard deviation
         back toward the conditional one's. With sample.clip_x0 (pixel models), the predicted x_0 is clipped to
         [-1, 1]. `controls` (ControlNets, with their `hints`) add residuals to the U-Net's skips at the steps their
-        range covers; `step` is (a list holding the current step, the number of steps), kept by the sampling loop."""
+        range covers; `step` is (a list holding the current step, the number of steps), kept by the sampling loop.
+        Guidance stops after the fraction `cfg_end` of the steps (the conditional branch alone: half the batch);
+        `cache` (fast.FeatureCache) is DeepCache's, given to the U-Net."""
         pred, s = self.cfg.diffusion.prediction, self.schedule
         guided = cond is not None and scale != 1.0
-        if guided:
-            cond = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
+        both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()} if guided else None
 
-        def unet(x, t, **c):
-            control = residuals(controls, hints, x, t, c, step[0], step[1], guided) if controls else None
-            out = self.unet(x, t, **c, **({"control": control} if control else {})).float()
+        def unet(x, t, guiding, **c):
+            control = residuals(controls, hints, x, t, c, step[0], step[1], guiding) if controls else None
+            out = self.unet(x, t, **c, **({"control": control} if control else {}),
+                            **({"cache": cache} if cache else {})).float()
             if autoguidance == 1.0:
                 return out
             weak = self.guide(x, t, **c).float()
@@ -134,15 +141,15 @@ class Pipeline:
 
         def model(x, t):
             t = t.reshape(1).expand(x.shape[0])
-            if guided:
-                u, c = unet(torch.cat([x, x]), torch.cat([t, t]), **cond).chunk(2)
+            if guided and step[0] < cfg_end * step[1]:
+                u, c = unet(torch.cat([x, x]), torch.cat([t, t]), True, **both).chunk(2)
                 out = u + scale * (c - u)
                 if rescale:
                     dims = list(range(1, out.ndim))
                     rescaled = out * (c.std(dims, keepdim=True) / out.std(dims, keepdim=True))
                     out = rescale * rescaled + (1 - rescale) * out
             else:
-                out = unet(x, t, **(cond or {}))
+                out = unet(x, t, False, **(cond or {}))
             if not self.cfg.sample.clip_x0:
                 return s.to_eps(pred, out, x, t)
             x0 = s.to_x0(pred, out, x, t).clamp(-1, 1)
@@ -242,6 +249,20 @@ class Pipeline:
         adapters.attach(self, lora, merge)
         self.loras.append(lora)
         return lora
+
+    def load_tiny_decoder(self, path):
+        """TAESD's decoder for this model's latents (taesd_decoder for SD 1.x/2.x, taesdxl_decoder for SDXL; TAESD's
+        own files or diffusers' AutoencoderTiny): previews use it, and generate(decoder="tiny") final images."""
+        from .autoencoder import TinyDecoder
+
+        tiny = TinyDecoder.from_tensors(read_checkpoint(path), f"tiny decoder {path}")
+        z, want = self.cfg.unet.in_channels, self.autoencoder.cfg if self.autoencoder else None
+        if want is None or tiny[1].weight.shape[1] != z or tiny.factor != self.factor_ae:
+            raise ValueError(f"tiny decoder {path} decodes {tiny[1].weight.shape[1]}-channel latents {tiny.factor}x "
+                             f"smaller than images; this model's are " + (f"{z}-channel, {self.factor_ae}x" if want
+                             else "pixels (no autoencoder)") + ": give the one made for this model's VAE")
+        self.tiny_decoder = tiny.to(next(self.autoencoder.parameters()).dtype).eval()
+        return tiny
 
     def load_embedding(self, path, token=None):
         """A textual-inversion embedding, used where a prompt (or negative prompt) has `token` (default: the file's
@@ -419,18 +440,20 @@ class Pipeline:
             for c in r.control:  # ControlNets run where the U-Net does, in its precision
                 c.net.to(device, next(self.unet.parameters()).dtype)
             hints = [c.hint(r.height, r.width, n, r.mask).to(device) for c in r.control]
+            cache = FeatureCache(r.cache_interval, r.cache_depth) if r.cache_interval > 1 else None
             denoiser = self.denoiser(cond, uncond, r.cfg_scale, r.autoguidance, r.guidance_rescale, r.control, hints,
-                                     step)
+                                     step, r.cfg_end, cache)
             if a1111_blend:  # A1111's latent mask: the (blurred) mask resized as a picture, then rounded
                 lat = [np.asarray(to_pil(mm).resize(latent_size[::-1], Image.BICUBIC), np.float32) / 255 for mm in soft]
                 keep = 1 - torch.from_numpy(np.stack(lat)[:, None]).round().to(device)
                 denoiser = keep_known(denoiser, keep, x0.to(device), self.schedule)
-            z = spec(denoiser, x.to(device), sched, generator=draws, callback=progress, eta=r.eta)
+            with token_merging(self.unet, r.tome, latent_size, r.seed):
+                z = spec(denoiser, x.to(device), sched, generator=draws, callback=progress, eta=r.eta)
             if a1111_blend:
                 z = z * (1 - keep) + x0.to(device) * keep
         if r.output == "latent":
             return Generation(z, r)
-        images = (self.decode(z).float() / 2 + 0.5).clamp(0, 1).cpu()
+        images = (self.decode(z, tiny=r.decoder == "tiny").float() / 2 + 0.5).clamp(0, 1).cpu()
         if inpainting and r.overlay:  # the decoder's error outside the hole undone; A1111's seam: the mask doubled
             over = (2 * soft).clamp(max=1)
             images = over * images + (1 - over) * (pixels + 1) / 2
@@ -443,12 +466,14 @@ class Pipeline:
         pixels = pixels.to(self.autoencoder.quant_conv.weight.device)
         return to_latent(self.autoencoder, pixels, self.cfg.diffusion.scale_factor, generator).cpu()
 
-    def decode(self, z, tile: int | None = None, overlap: int = 16):
+    def decode(self, z, tile: int | None = None, overlap: int = 16, tiny=False):
         """Model space -> pixels in [-1, 1] (the identity for pixel models). Latents larger than `tile` (default
         self.vae_tile, 96 = 768 px for SD) decode in overlapping tiles, feathered together, so memory stays that
-        of one tile whatever the size."""
+        of one tile whatever the size. tiny=True: through the tiny decoder (whole: its memory is small)."""
         if self.autoencoder is None:
             return z
+        if tiny:
+            return torch.cat([self.tiny_decoder(b).float() for b in z.split(64)])
         z = z / self.cfg.diffusion.scale_factor
         tile = tile or self.vae_tile
         if max(z.shape[-2:]) <= tile:
@@ -552,18 +577,25 @@ def _ramp(n, overlap, first, last):
     return r
 
 
-def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None, family=None,
-         prediction=None) -> Pipeline:
+def load(path, precision="auto", compile=False, vae=None, ema=False, config=None, family=None,
+         prediction=None, threads=None) -> Pipeline:
     """A run folder trained here, a Stable Diffusion single file (.safetensors, or .ckpt read without unpickling
     code) of any family nanosd knows, or a diffusers folder; `vae` replaces the model's autoencoder with another
     file's. A single file's family and architecture are told from its keys and shapes (`family=` checks it), or
     read from `config` (a diffusers folder's config files, as diffusers' from_single_file takes them); a file cannot
     say whether it predicts eps or v: `prediction=` ("eps", "v") says so (SD 2.x's 768-v models), else eps is
     assumed and said. ema=True takes a single file's EMA U-Net. compile=True compiles the U-Net (torch.compile;
-    the first image pays for it)."""
+    the first image pays for it). precision: "auto" (bf16 where this CPU does it faster: fast.choose_precision),
+    "fp32" (exact: diffusers' images to 1e-4) or "bf16". threads: torch's (default: one per physical core)."""
     path = Path(path)
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision not in (*DTYPES, "auto"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    set_threads(threads)
+    if precision == "auto":
+        precision, why = choose_precision()
+        pipe = load(path, precision, compile, vae, ema, config, family, prediction, threads)
+        pipe.precision_why = why
+        return pipe
     if not path.is_file() and (ema or config is not None):  # never ignored: refused where they mean nothing
         raise ValueError(f"{'ema=' if ema else 'config='} applies to SD single files, not to the folder {path}")
     if family is not None and family not in sd.FAMILIES:
@@ -592,6 +624,8 @@ def load(path, precision="fp32", compile=False, vae=None, ema=False, config=None
             return pipe
         cfg, model, ae, guide = load_run(path)
         pipe = Pipeline.of(model, Schedule.of(cfg.diffusion), cfg, ae, precision, guide)
+        if (tiny := path / TINY_DECODER / WEIGHTS).exists():
+            pipe.load_tiny_decoder(tiny)
     elif path.is_dir() and (path / "unet").is_dir():
         archs, scheduler, scale, size, found = diffusers.configs(path)
         _check_family(found, family, path)

@@ -143,7 +143,7 @@ def frozen_base(path):
         return b, model, ae, path / run.AUTOENCODER, None
     from .pipeline import load
 
-    pipe = load(path)
+    pipe = load(path, "fp32")  # trained on: exact weights
     return pipe.cfg, ConditionedUNet(pipe.unet, pipe.conditioner), pipe.autoencoder, path, pipe.family
 
 
@@ -445,3 +445,49 @@ def encode_dataset(ae, data, ae_dir: Path, cfg: Config, batch=250):
                          for i in tqdm(range(0, len(data), batch), desc="encoding latents", leave=False)])
     save_tensors({"latents": latents}, path)
     return latents
+
+
+def distill_tiny_decoder(run_dir, *, minutes=None, steps=None):
+    """RUN/tiny_decoder/: TAESD's decoder architecture trained to map the run's latents (model space) to what its
+    autoencoder's decoder makes of them (L1 + L2), on the run's own data: previews, and decoder="tiny" images.
+    Resumable as any run; the budget defaults to 300 steps."""
+    from .autoencoder import TinyDecoder, psnr
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / run.CONFIG) if (run_dir / run.CONFIG).exists() else None
+    if cfg is None or not cfg.autoencoder or base_path(cfg):
+        raise ValueError(f"{run_dir}: --tiny-decoder distils a latent run's own autoencoder; give a finished latent "
+                         "run folder (SD models: load TAESD's taesd_decoder.safetensors instead)")
+    ae_dir, out = run_dir / run.AUTOENCODER, run_dir / run.TINY_DECODER
+    ae = run.load_autoencoder(ae_dir, run_dir).requires_grad_(False)
+    data, scale = latent_data(cfg, ae_dir, ae, data_of(cfg))
+    held_out = data.preview(256)["image"]
+    tcfg = replace(cfg.train, steps=steps or (0 if minutes else 300), minutes=minutes or 0.0, lr=2e-3,
+                   batch_size=min(64, cfg.train.batch_size), micro_batch=0,
+                   warmup_steps=50, ema_decay=0.99, guide_at=0.0, sample_every=0, checkpoint_every=250)
+    torch.manual_seed(tcfg.seed)
+    # TAESD's 64 channels, or fewer for an autoencoder narrower than that (MNIST's: 32), so that it stays tiny
+    tiny = TinyDecoder(ae.cfg.z_channels, ae.cfg.in_channels, ae.cfg.factor.bit_length() - 1, min(64, ae.cfg.ch))
+
+    def loss_fn(model, batch, g, step):
+        z = batch["image"]
+        with torch.no_grad():
+            target = ae.decode(z / scale)
+        out = model(z)
+        return F.l1_loss(out, target) + F.mse_loss(out, target)
+
+    @torch.no_grad()
+    def evaluate(step, ema):
+        z = held_out.to(next(ema.parameters()).device)
+        full, fast = ((f(z).float() / 2 + 0.5).clamp(0, 1) for f in (lambda z: ae.decode(z / scale), ema))
+        save_grid(torch.cat([full[:8], fast[:8]]).cpu(), out / "decoded.png", nrow=8)
+        return {"psnr_vs_decoder": round(psnr(full, fast).mean().item(), 3)}
+
+    if distributed()[0] == 0:
+        run.write_config(replace(cfg, train=tcfg), out)
+    trainer = Trainer(out, tiny, loss_fn, data, tcfg, evaluate=evaluate)
+    if trainer.resume():
+        print(f"resuming the tiny decoder {out} from step {trainer.step}")
+    print(f"{sum(p.numel() for p in tiny.parameters()) / 1e6:.2f}M-parameter tiny decoder, distilled from {ae_dir}")
+    trainer.fit()
+    return out

@@ -15,6 +15,8 @@ from .samplers import SCHEDULE_TYPES, Sampler, sampler as get_sampler
 from .seeds import SOURCES
 
 OUTPUTS = ("pil", "tensor", "latent")
+# fast=True: what was measured to keep quality (README, "Speed"); the tiny decoder where the model has one
+FAST = {"cfg_end": 0.5, "cache_interval": 3, "cache_depth": 1, "tome": 0.5, "decoder": "tiny"}
 NOISES = ("diffusers", "a1111")
 FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0-3: what starts the hole
 UPSCALERS = {"Latent": "bilinear", "Latent (antialiased)": "bilinear-antialiased", "Latent (bicubic)": "bicubic",
@@ -100,6 +102,16 @@ class Request:
     inpainting_fill: str = "original"
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 0
+    # less work per image (fast.py), each off by default: guidance for the first cfg_end of the steps only (the
+    # rest run the conditional half of the batch); DeepCache: the whole U-Net every cache_interval-th call, the
+    # others reuse its features below skip cache_depth; ToMe: the ratio of tokens merged in self-attention at the
+    # largest resolution; decoder "tiny": TAESD's decoder instead of the VAE's. fast=True: FAST, where not given.
+    cfg_end: float | None = None
+    cache_interval: int | None = None
+    cache_depth: int | None = None
+    tome: float | None = None
+    decoder: str | None = None
+    fast: bool = False
 
     def resolve(self, model) -> "Request":
         """A copy with every default taken from `model` (a Pipeline) and every field checked against it; resolving
@@ -196,6 +208,8 @@ class Request:
                                  "models are): give none")
             if value is not None and not name.endswith("score") and len(value) != 2:
                 raise ValueError(f"{name} must be two numbers, got {value}")
+        speed = self._speed(model, prompts is not None and (cfg.condition.guidance if self.cfg_scale is None
+                                                            else self.cfg_scale) != 1.0)
         # the size: as asked, else the init image's, else the model's own
         init = self.init
         default = (init.size[1], init.size[0]) if isinstance(init, Image.Image) else \
@@ -210,7 +224,7 @@ class Request:
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed,
             subseed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.subseed is None and self.subseed_strength
             else self.subseed,
-            height=height, width=width, control=control, batch_size=len(prompts) if prompted else self.batch_size,
+            height=height, width=width, control=control, **speed, batch_size=len(prompts) if prompted else self.batch_size,
             eta=cfg.sample.eta if self.eta is None and "eta" in spec.options else self.eta, autoguidance=autoguidance,
             overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay,
             **({"original_size": tuple(self.original_size or (height, width)),
@@ -219,6 +233,37 @@ class Request:
             **({"aesthetic_score": 6.0 if self.aesthetic_score is None else self.aesthetic_score,
                 "negative_aesthetic_score": 2.5 if self.negative_aesthetic_score is None
                 else self.negative_aesthetic_score} if micro == "aesthetic" else {}))
+
+    def _speed(self, model, guided) -> dict:
+        """The speed options, resolved (FAST's where fast=True and not given; else off) and checked."""
+        preset = {k: v for k, v in FAST.items() if self.fast and (guided or k != "cfg_end")
+                  and (model.tiny_decoder is not None or k != "decoder")}
+        off = {"cfg_end": 1.0, "cache_interval": 1, "cache_depth": None, "tome": 0.0, "decoder": "full"}
+        given = {k: getattr(self, k) for k in off if getattr(self, k) is not None}
+        out = {**off, **preset, **given}
+        if "cache_depth" in given and out["cache_interval"] == 1:
+            raise ValueError("cache_depth is DeepCache's: give cache_interval > 1 too")
+        if out["cache_interval"] > 1 and out["cache_depth"] is None:
+            out["cache_depth"] = FAST["cache_depth"]
+        if not 0 < out["cfg_end"] <= 1:
+            raise ValueError(f"cfg_end is the fraction of steps guided, in (0, 1]; got {out['cfg_end']}")
+        if out["cfg_end"] < 1 and not guided:
+            raise ValueError(f"cfg_end {out['cfg_end']}: this request has no classifier-free guidance to end "
+                             "(no prompt, or cfg_scale 1): give none")
+        inputs = len(model.unet.input_blocks)
+        if out["cache_interval"] < 1 or not 0 <= (out["cache_depth"] or 0) < inputs:
+            raise ValueError(f"cache_interval must be at least 1 (1: off) and cache_depth from 0 to {inputs - 1} "
+                             f"(the U-Net's skips); got {out['cache_interval']} and {out['cache_depth']}")
+        if not 0 <= out["tome"] <= 0.75:
+            raise ValueError(f"tome (the ratio of tokens merged) must be from 0 to 0.75, got {out['tome']}")
+        if out["decoder"] not in ("full", "tiny"):
+            raise ValueError(f"decoder must be full or tiny, got {out['decoder']!r}")
+        if out["decoder"] == "tiny" and (model.tiny_decoder is None or self.output == "latent"):
+            raise ValueError("decoder 'tiny': " + ("latents are not decoded: give an image output" if
+                             model.tiny_decoder is not None else "this model has no tiny decoder: load one "
+                             "(pipe.load_tiny_decoder(FILE), --tiny-decoder FILE; runs: nanosd train RUN "
+                             "--tiny-decoder)"))
+        return out
 
     def _prompts(self, c):
         """(prompts, negatives), one each per image, or (None, None) for a model that takes none."""
@@ -292,6 +337,11 @@ class Request:
                     **({"Hires resize": f"{h.resize_x}x{h.resize_y}"} if h and (h.resize_x or h.resize_y) else {}),
                     **({"Hires steps": h.steps} if h and h.steps else {}),
                     **({"Hires upscaler": h.upscaler} if h else {}),
+                    **({"CFG end": self.cfg_end} if self.cfg_end != 1 else {}),
+                    **({"DeepCache interval": self.cache_interval, "DeepCache depth": self.cache_depth}
+                       if self.cache_interval > 1 else {}),
+                    **({"Token merging ratio": self.tome} if self.tome else {}),
+                    **({"Decoder": self.decoder} if self.decoder != "full" else {}),
                     **{f"ControlNet {i}": f'"{unit.infotext()}"' for i, unit in enumerate(self.control)},
                     **({} if a1111 else {"Seed mode": "diffusers"})}
         return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in settings.items())])
@@ -303,7 +353,9 @@ _FIELDS = {"Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type"
            "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
            "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
            "ENSD": ("eta_noise_seed_delta", int), "RNG": ("rng", str), "Guidance rescale": ("guidance_rescale", float),
-           "Autoguidance": ("autoguidance", float), "Denoising strength": ("strength", float)}
+           "Autoguidance": ("autoguidance", float), "Denoising strength": ("strength", float),
+           "CFG end": ("cfg_end", float), "DeepCache interval": ("cache_interval", int),
+           "DeepCache depth": ("cache_depth", int), "Token merging ratio": ("tome", float), "Decoder": ("decoder", str)}
 _HIRES = {"Hires upscale": ("scale", float), "Hires steps": ("steps", int), "Hires upscaler": ("upscaler", str)}
 
 

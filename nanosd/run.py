@@ -23,6 +23,7 @@ METRICS = "metrics.jsonl"
 GRID = "samples.png"
 GRIDS = "samples"
 AUTOENCODER = "autoencoder"
+TINY_DECODER = "tiny_decoder"  # a run's TAESD-shaped decoder, distilled from its autoencoder (its own run folder)
 LORA = "lora.safetensors"  # a LoRA run's deltas, in kohya's format (A1111, ComfyUI and nanosd's --lora read it)
 
 

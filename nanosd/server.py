@@ -90,6 +90,12 @@ class Txt2Img(BaseModel):
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict = Field(default_factory=dict)  # A1111's extensions' arguments: ControlNet's here
+    # nanosd's speed options (Request's; token merging is A1111's option token_merging_ratio)
+    fast: bool = False
+    cfg_end: float | None = None
+    cache_interval: int | None = None
+    cache_depth: int | None = None
+    decoder: Literal["full", "tiny"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -174,7 +180,8 @@ class Job:
 
 
 OPTIONS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "GPU",
-           "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "samples_format": "png"}  # A1111's, that nanosd has
+           "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "samples_format": "png",
+           "token_merging_ratio": 0.0}  # A1111's, that nanosd has
 MODEL_FILES = (".safetensors", ".ckpt")
 
 
@@ -261,6 +268,8 @@ class Server:
         for name in ("CLIP_stop_at_last_layers", "eta_noise_seed_delta"):
             if not isinstance(out[name], int) or out[name] < (1 if name.startswith("CLIP") else 0):
                 raise Refused(f"{name} {out[name]!r} must be a whole number (Clip skip from 1; ENSD from 0)")
+        if isinstance(out["token_merging_ratio"], bool) or not isinstance(out["token_merging_ratio"], (int, float)):
+            raise Refused(f"token_merging_ratio {out['token_merging_ratio']!r} must be a number from 0 to 0.75")
         if out["sd_vae"] not in ("Automatic", "None") or out["samples_format"] != "png":
             raise Refused("sd_vae: nanosd uses the checkpoint's own VAE (\"Automatic\"; --vae at load); "
                           "samples_format: png")
@@ -310,7 +319,9 @@ class Server:
                           eta_noise_seed_delta=settings["eta_noise_seed_delta"],
                           subseed=r.subseed if r.subseed >= 0 else None, subseed_strength=r.subseed_strength,
                           seed_resize_from_w=max(r.seed_resize_from_w, 0), seed_resize_from_h=max(r.seed_resize_from_h, 0),
-                          hires=hires)
+                          hires=hires, fast=r.fast, cfg_end=r.cfg_end, cache_interval=r.cache_interval,
+                          cache_depth=r.cache_depth, decoder=r.decoder,
+                          tome=settings["token_merging_ratio"] or (None if r.fast else 0.0))
         if kind == "img2img":
             if r.resize_mode not in (0, 1, 2):
                 raise Refused(f"resize_mode {r.resize_mode}: nanosd has 0 (just resize), 1 (crop and resize), "
@@ -803,7 +814,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
 def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None, family=None,
           prediction=None, config=None, loras=(), lora_dirs=(), embedding_dirs=(), controlnet_dirs=(),
-          models_dir=None, outdir="outputs"):
+          models_dir=None, outdir="outputs", precision="auto", threads=None, tiny_decoder=None):
     import uvicorn
 
     from .adapters import setup
@@ -811,16 +822,17 @@ def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits 
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise ValueError(f"--host {host} opens the server to other machines: give --api-key KEY as well")
-    def loader(path):  # a checkpoint of --models-dir, as the served one was loaded (its LoRAs and embeddings)
-        pipe = load(path, prediction=prediction)
+    def loader(path, **kw):  # a checkpoint of --models-dir, as the served one was loaded (its LoRAs and embeddings)
+        pipe = load(path, precision, prediction=prediction, threads=threads, **kw)
         setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
         return pipe
 
     for d in list(controlnet_dirs) + ([models_dir] if models_dir else []):
         if not Path(d).is_dir():
             raise FileNotFoundError(f"{d} is not a folder")
-    pipe = load(model, family=family, prediction=prediction, config=config)
-    setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
+    pipe = loader(model, family=family, config=config)
+    if tiny_decoder:  # made for the served model's VAE (a model switched to from --models-dir decodes in full)
+        pipe.load_tiny_decoder(tiny_decoder)
     name = Path(model).name  # as --models-dir names its files: the same file is one checkpoint
     uvicorn.run(create_app(pipe, name, limits, api_key, controlnet_dirs, models_dir, loader, model, outdir),
                 host=host, port=port, log_level="warning")

@@ -140,8 +140,15 @@ class BasicTransformerBlock(nn.Module):
             self.attn2 = CrossAttention(dim, context_dim, heads, dropout)
             self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x, context=None, mask=None):
-        x = self.attn1(self.norm1(x)) + x
+    tome = None  # token merging for self-attention (fast.token_merging sets it for a generation)
+
+    def forward(self, x, context=None, mask=None, hw=None):
+        merging = self.tome(x, hw) if self.tome is not None else None
+        if merging is None:
+            x = self.attn1(self.norm1(x)) + x
+        else:  # attention over the merged tokens, copied back out to the grid
+            merge, unmerge = merging
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
         if self.has_context:
             x = self.attn2(self.norm2(x), context, mask) + x
         return self.ff(self.norm3(x)) + x
@@ -169,7 +176,7 @@ class SpatialTransformer(nn.Module):
         else:
             h = self.proj_in(h).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
-            h = block(h, context, mask)
+            h = block(h, context, mask, (H, W))
         if self.linear:
             return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
@@ -296,22 +303,30 @@ class UNet(Encoder):
         self.out = nn.Sequential(normalization(ch, groups=cfg.norm_groups), nn.SiLU(), nn.Conv2d(mc, cfg.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight), nn.init.zeros_(self.out[2].bias)
 
-    def forward(self, x, t, context=None, y=None, concat=None, context_mask=None, control=None):
+    def forward(self, x, t, context=None, y=None, concat=None, context_mask=None, control=None, cache=None):
         """eps (or v, or x_0) predicted from x_t at timesteps t (B,) with optional conditions:
         context (B, L, context_dim) for cross-attention, y (B,) class labels or (B, adm_in_channels) a vector,
         concat (B, cond_channels, H, W), control: ControlNets' residuals, one per skip and one for the middle block
-        (added to the skips the decoder reads and to the middle block's output)."""
+        (added to the skips the decoder reads and to the middle block's output). `cache` (fast.FeatureCache):
+        DeepCache, the decoder's features below skip `cache.depth` kept from a full call and reused."""
         h, context, emb = self.embed(x, t, context, y, concat)
+        n = len(self.input_blocks)
+        deep = cache.reuse(h) if cache is not None else None  # None: this call runs every block
         hs = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:n if deep is None else cache.depth + 1]:
             h = self.run(block, h, emb, context, context_mask)
             hs.append(h)
-        h = self.run(self.middle_block, h, emb, context, context_mask)
         if control is not None:
             hs = [s + c.to(s.dtype) for s, c in zip(hs, control)]
-            h = h + control[-1].to(h.dtype)
-        for block in self.output_blocks:
-            h = self.run(block, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+        if deep is None:
+            h = self.run(self.middle_block, h, emb, context, context_mask)
+            h = h + control[-1].to(h.dtype) if control is not None else h
+        else:
+            h = deep
+        for j in range(n - len(hs), n):
+            if cache is not None and deep is None and j == n - 1 - cache.depth:
+                cache.feature = h
+            h = self.run(self.output_blocks[j], torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
 
 

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# the suite compares against diffusers and between paths at fp32's tolerances: precision="auto" means fp32 here, on
+# every CPU kind (the choice itself is tested in test_fast.py with this unset)
+os.environ["NANOSD_PRECISION"] = "fp32"
 
 from nanosd.config import load_config
 from nanosd.data import ImageSet
