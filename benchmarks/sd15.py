@@ -2,13 +2,16 @@
 guidance runs it, 77 tokens), a VAE decode (batch 1), a whole text-to-image (tokenizer, text encoder, 20
 dpmpp_2m steps, decode; after a one-step warm-up), the load time and the peak resident memory.
 
-    python benchmarks/sd15.py [--size 512] [--repeats 3] [--modes nanosd-fp32,diffusers-fp32,nanosd-bf16,...]
+    python benchmarks/sd15.py [--size 512] [--repeats 3] [--modes nanosd-fp32,diffusers-fp32,nanosd-auto-fast,...]
 
 Weights are random with SD v1.5's shapes (no real ones can be had offline), stored as fp16 like most published
-files. Each mode runs in a process of its own, so that each peak memory is its own. Prints medians and each mode's
-ratio to diffusers fp32, and the whole images' mean absolute difference from nanosd fp32 (on [0, 1]).
-Modes: {nanosd,diffusers}-{fp32,bf16}, and nanosd-bf16-compile (torch.compile; its first image pays for it).
-diffusers' bf16 is its recommended CPU set-up: bf16 weights and channels_last.
+files. Each mode runs in a process of its own, so that each peak memory is its own. Prints medians, each time's
+ratio to diffusers' fastest mode, and the whole images' mean absolute difference from nanosd fp32 (on [0, 1]).
+A mode is IMPL-PRECISION[-OPTION...]: IMPL nanosd or diffusers; PRECISION fp32, bf16 or (nanosd) auto; OPTIONs
+(nanosd) compile (torch.compile), cfgend (cfg_end 0.5), deepcache (cache_interval 3), tome (0.5), tiny (the tiny
+decoder: a TAESD-shaped file of random weights), fast (the preset, with the tiny decoder), sN (N steps instead).
+Modes with options time the whole image only (and the decode, with tiny). diffusers' bf16 is its recommended CPU
+set-up: bf16 weights and channels_last.
 """
 import argparse
 import json
@@ -25,6 +28,10 @@ import torch
 PROMPT = "a photograph of an astronaut riding a horse"
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+
+
+OPTIONS = {"cfgend": {"cfg_end": 0.5}, "deepcache": {"cache_interval": 3}, "tome": {"tome": 0.5},
+           "tiny": {"decoder": "tiny"}, "fast": {"fast": True}}
 
 
 def peak_gib():
@@ -44,16 +51,21 @@ def timed(fn, repeats):
 def child(a):
     """One mode, in its own process: prints one JSON line."""
     impl, precision, *extra = a.child.split("-")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    steps = next((int(e[1:]) for e in extra if e[0] == "s" and e[1:].isdigit()), a.steps)
+    options = {k: v for e in extra for k, v in OPTIONS.get(e, {}).items()}
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
     t0 = time.perf_counter()
     if impl == "nanosd":
         import nanosd
 
         pipe = nanosd.load(a.checkpoint, precision=precision, compile="compile" in extra)
+        precision, dtype = pipe.precision, pipe.unet.out[2].weight.dtype
+        if "tiny" in extra or "fast" in extra:
+            pipe.load_tiny_decoder(Path(a.tmp) / "taesd_decoder.safetensors")
         unet = lambda x, t, ctx: pipe.unet(x, t, context=ctx)
-        decode = lambda z: pipe.decode(z)
+        decode = lambda z: pipe.decode(z, tiny=options.get("decoder") == "tiny")
         image = lambda steps: pipe.generate(PROMPT, steps=steps, sampler="dpmpp_2m", cfg_scale=7.5, seed=0,
-                                            height=a.size, width=a.size, output="tensor").images
+                                            height=a.size, width=a.size, output="tensor", **options).images
     else:
         import diffusers
 
@@ -69,20 +81,22 @@ def child(a):
         decode = lambda z: ref.vae.decode(z).sample
         image = lambda steps: ref(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=a.size, width=a.size,
                                   generator=torch.Generator().manual_seed(0), output_type="pt").images
-    out = {"mode": a.child, "load_s": time.perf_counter() - t0, "load_peak_gib": peak_gib()}
+    out = {"mode": a.child, "precision": precision, "load_s": time.perf_counter() - t0, "load_peak_gib": peak_gib()}
+    parts = a.parts if not options else [p for p in a.parts.split(",") if p == "image" or
+                                         (p == "vae" and options.get("decoder") == "tiny")]
     s = a.size // 8
     g = torch.Generator().manual_seed(0)
     x, z = torch.randn(2, 4, s, s, generator=g, dtype=dtype), torch.randn(1, 4, s, s, generator=g, dtype=dtype)
     ctx, t = torch.randn(2, 77, 768, generator=g).to(dtype), torch.tensor(500)
     with torch.inference_mode():
-        if "unet" in a.parts:
+        if "unet" in parts:
             out["unet_s"] = timed(lambda: unet(x, t, ctx), a.repeats)
-        if "vae" in a.parts:
+        if "vae" in parts:
             out["vae_s"] = timed(lambda: decode(z), a.repeats)
-        if "image" in a.parts:
+        if "image" in parts:
             image(1)  # warm-up: every code path once
             t0 = time.perf_counter()
-            im = image(a.steps)
+            im = image(steps)
             out["image_s"] = time.perf_counter() - t0
             torch.save(im.float().cpu(), Path(a.tmp) / f"{a.child}.pt")
     out["peak_gib"] = peak_gib()
@@ -94,7 +108,9 @@ def main():
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="sampler steps of the whole image")
     p.add_argument("--repeats", type=int, default=3, help="timed U-Net steps and decodes (medians)")
-    p.add_argument("--modes", default="nanosd-fp32,diffusers-fp32,nanosd-bf16,diffusers-bf16")
+    p.add_argument("--modes", default="diffusers-fp32,diffusers-bf16,nanosd-fp32,nanosd-auto,nanosd-auto-cfgend,"
+                                      "nanosd-auto-deepcache,nanosd-auto-tome,nanosd-auto-tiny,nanosd-auto-fast,"
+                                      "nanosd-auto-fast-s12")
     p.add_argument("--parts", default="unet,vae,image", help="which of unet, vae, image to time")
     p.add_argument("--checkpoint", help="an SD v1.5 single file (default: random weights, written once)")
     p.add_argument("--config", help="its diffusers config folder (default: written with the random weights)")
@@ -108,6 +124,11 @@ def main():
             a.checkpoint, a.config = f"{tmp}/sd15-fp16.safetensors", f"{tmp}/config"
             subprocess.run([sys.executable, str(Path(__file__).parent / "random_sd15.py"), a.checkpoint, "--fp16",
                             "--config", a.config], check=True, stdout=subprocess.DEVNULL)
+        from nanosd.autoencoder import TinyDecoder
+        from nanosd.io import save_tensors
+
+        torch.manual_seed(0)  # TAESD's shape, random weights: its speed is what is measured
+        save_tensors(TinyDecoder().state_dict(), f"{tmp}/taesd_decoder.safetensors")
         rows = []
         for mode in a.modes.split(","):
             cmd = [sys.executable, __file__, "--child", mode, "--tmp", tmp, "--size", str(a.size), "--steps",
@@ -118,12 +139,20 @@ def main():
                 print(f"{mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"{mode}: done", file=sys.stderr, flush=True)
+            print(f"{mode}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         images = {m: torch.load(f, weights_only=True) for m in a.modes.split(",")
                   if (f := Path(tmp) / f"{m}.pt").exists()}
-    base = next((r for r in rows if r["mode"] == "diffusers-fp32"), None)
-    print(f"\nSD v1.5 (random weights, fp16 file), {a.size}x{a.size}, U-Net batch 2 x 77 tokens, "
-          f"{torch.get_num_threads()} threads; medians of {a.repeats}; (x) = time / diffusers fp32's")
+    from nanosd.fast import cpu_facts
+
+    refs = [r for r in rows if r["mode"].startswith("diffusers") and "image_s" in r]
+    fastest = min(refs, key=lambda r: r["image_s"]) if refs else None
+    base = {k: min(r[k] for r in refs if k in r) for k in ("unet_s", "vae_s", "image_s", "load_s")
+            if any(k in r for r in refs)}
+    facts = cpu_facts()
+    print(f"\nCPU: {facts['name']} ({facts['physical_cores']} cores; {', '.join(facts['flags'])}; torch capability "
+          f"{facts['capability']}), {torch.get_num_threads()} threads")
+    print(f"SD v1.5 (random weights, fp16 file), {a.size}x{a.size}, U-Net batch 2 x 77 tokens, medians of "
+          f"{a.repeats}; (x) = time / diffusers' fastest mode's ({fastest['mode'] if fastest else '-'} for the image)")
     cols = [("load_s", "load s"), ("unet_s", "U-Net step s"), ("vae_s", "VAE decode s"),
             ("image_s", f"image ({a.steps} dpmpp_2m) s"), ("peak_gib", "peak RSS GiB")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
@@ -137,7 +166,8 @@ def main():
             cells.append("-" if v is None else f"{v:.2f}{ratio}")
         ref = images.get("nanosd-fp32")
         mad = (images[r["mode"]] - ref).abs().mean().item() if ref is not None and r["mode"] in images else None
-        print(f"| {r['mode']} | " + " | ".join(cells) + f" | {'-' if mad is None else f'{mad:.2e}'} |")
+        name = r["mode"] + (f" ({r['precision']})" if "-auto" in r["mode"] else "")
+        print(f"| {name} | " + " | ".join(cells) + f" | {'-' if mad is None else f'{mad:.2e}'} |")
 
 
 if __name__ == "__main__":

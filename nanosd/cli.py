@@ -397,8 +397,8 @@ def main(argv=None):
         g.add_argument("--crop", help="SDXL's crop conditioning: LEFTxTOP (default: 0x0)")
         g.add_argument("--aesthetic-score", type=float, help="the SDXL refiner's score (default 6)")
         g.add_argument("--fast", action="store_true", help="less work per image, measured to keep quality: "
-                                                          "--cfg-end 0.5 --cache-interval 3 --tome 0.5 and the tiny "
-                                                          "decoder where there is one (flags given win)")
+                                                          "--cfg-end 0.5 --cache-interval 3 --tome 0.5 (flags given "
+                                                          "win)")
         g.add_argument("--cfg-end", type=float, help="guide only the first fraction of the steps (1: all)")
         g.add_argument("--cache-interval", type=int, help="DeepCache: the whole U-Net every N-th call, the others "
                                                           "reuse its deep features (1: off)")

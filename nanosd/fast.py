@@ -78,10 +78,10 @@ def measured(facts: dict) -> dict:
 
 
 def choose_precision(facts: dict | None = None) -> tuple[str, str]:
-    """("fp32" | "bf16", why) for this CPU ($NANOSD_PRECISION, if set, decides): bf16 with AMX (its tiles do bf16 several times faster than fp32);
-    where the CPU has bf16 instructions without AMX (AVX-512 BF16, Arm's BF16) whatever a cached micro-benchmark
-    finds faster by a margin (on Intel without AMX bf16 is slower, on AMD Zen 5 four times faster); fp32 where bf16
-    would be emulated (AVX2 only: a hundred times slower)."""
+    """("fp32" | "bf16", why) for this CPU ($NANOSD_PRECISION, if set, decides): bf16 with AMX (its tiles do bf16
+    several times faster than fp32); where the CPU has bf16 instructions without AMX (AVX-512 BF16, Arm's BF16)
+    whatever a cached micro-benchmark finds faster by a margin (on Intel without AMX bf16 is slower, on AMD Zen 5
+    four times faster); fp32 where bf16 would be emulated (AVX2 only: a hundred times slower)."""
     if forced := os.environ.get("NANOSD_PRECISION"):
         if forced not in ("fp32", "bf16"):
             raise ValueError(f"NANOSD_PRECISION={forced!r}: give fp32 or bf16 (or unset it: measured per CPU)")
@@ -178,9 +178,11 @@ def token_merging(unet, ratio: float, latent_hw: tuple, seed: int):
     attention, its 64 x 64 level at 1024 px."""
     from .unet import BasicTransformerBlock
 
+    if not ratio:
+        yield
+        return
     level = min(unet.cfg.attention_levels)
-    tokens = (latent_hw[0] >> level) * (latent_hw[1] >> level)
-    tome = TokenMerging(ratio, tokens, torch.Generator().manual_seed(seed)) if ratio else None
+    tome = TokenMerging(ratio, (latent_hw[0] >> level) * (latent_hw[1] >> level), torch.Generator().manual_seed(seed))
     blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
     for b in blocks:
         b.tome = tome

@@ -75,15 +75,16 @@ def real_statistics(name: str, size: int, n: int, split="train"):
     return mu, sigma
 
 
-def evaluate_run(run, n=1000, seed=0, batch=100):
-    """FID of n samples of a run against n real training images, and the real-vs-real floor (n held-out images).
-    A conditioned model is prompted with those images' own captions (or classes), spread through the set."""
-    from .pipeline import load
+def evaluate_run(run, n=1000, seed=0, batch=100, **fields):
+    """FID of n samples of a run (a folder, or its loaded Pipeline) against n real training images, and the
+    real-vs-real floor (n held-out images). A conditioned model is prompted with those images' own captions (or
+    classes), spread through the set; `fields` are the generation's other Request fields (speed options, ...)."""
+    from .pipeline import Pipeline, load
 
-    pipe = load(run, "fp32")  # a measurement: the same arithmetic on every CPU
+    pipe = run if isinstance(run, Pipeline) else load(run, "fp32")  # the same arithmetic on every CPU
     name, size = pipe.cfg.data.name, pipe.cfg.data.size
     if is_shards(name):
-        raise ValueError(f"FID compares against an indexed data set, and {run} trained on streamed shards ({name}): "
+        raise ValueError(f"FID compares against an indexed data set, and this run trained on streamed shards ({name}): "
                          f"write them once with 'nanosd data shard' and compare against that folder")
     prompts = None
     if pipe.prompted:  # the captions (or classes) of the real images
@@ -92,7 +93,7 @@ def evaluate_run(run, n=1000, seed=0, batch=100):
         prompts = ([data.classes[int(data.labels[i])] for i in idx] if pipe.conditioner.cfg.encoder == "labels"
                    else [data.captions[i][0] for i in idx])
     samples = torch.cat([pipe.generate(prompts[i:i + batch] if prompts else None, batch_size=min(batch, n - i),
-                                       seed=seed + i, output="tensor").images
+                                       seed=seed + i, output="tensor", **fields).images
                          for i in tqdm(range(0, n, batch), desc="sampling", leave=False)])
     real = real_statistics(name, size, n, "train")
     score = frechet_distance(*statistics(features(samples, desc="sample features")), *real)

@@ -16,7 +16,7 @@ from .controlnet import residuals
 from .fast import FeatureCache, choose_precision, set_threads, token_merging
 from .formats import diffusers, sd
 from .images import as_tensor, to_pil
-from .io import load_into, load_tensors, read_checkpoint, save_tensors
+from .io import load_into, load_tensors, read_checkpoint, release_freed_memory, save_tensors
 from .request import UPSCALERS, Generation, Request
 from .run import CONFIG, LORA, TINY_DECODER, WEIGHTS, is_run, load_run
 from .samplers import after_step
@@ -453,6 +453,7 @@ class Pipeline:
                 z = z * (1 - keep) + x0.to(device) * keep
         if r.output == "latent":
             return Generation(z, r)
+        release_freed_memory()  # the sampler's: the decoder's peak comes on top of what is held
         images = (self.decode(z, tiny=r.decoder == "tiny").float() / 2 + 0.5).clamp(0, 1).cpu()
         if inpainting and r.overlay:  # the decoder's error outside the hole undone; A1111's seam: the mask doubled
             over = (2 * soft).clamp(max=1)
@@ -653,6 +654,7 @@ def load(path, precision="auto", compile=False, vae=None, ema=False, config=None
         replace_vae(pipe, vae)
     if compile:
         pipe.unet = torch.compile(pipe.unet)
+    release_freed_memory()  # the read buffers: before sampling adds its own peak
     return pipe
 
 

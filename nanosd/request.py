@@ -15,8 +15,9 @@ from .samplers import SCHEDULE_TYPES, Sampler, sampler as get_sampler
 from .seeds import SOURCES
 
 OUTPUTS = ("pil", "tensor", "latent")
-# fast=True: what was measured to keep quality (README, "Speed"); the tiny decoder where the model has one
-FAST = {"cfg_end": 0.5, "cache_interval": 3, "cache_depth": 1, "tome": 0.5, "decoder": "tiny"}
+# fast=True: what was measured to keep quality (README, "Speed"). Not the tiny decoder: a distilled one cost the
+# emoji recipe half again its FID (it serves previews, and final images where asked for)
+FAST = {"cfg_end": 0.5, "cache_interval": 3, "cache_depth": 1, "tome": 0.5}
 NOISES = ("diffusers", "a1111")
 FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0-3: what starts the hole
 UPSCALERS = {"Latent": "bilinear", "Latent (antialiased)": "bilinear-antialiased", "Latent (bicubic)": "bicubic",
@@ -224,7 +225,8 @@ class Request:
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed,
             subseed=int(torch.randint(0, 2**31 - 1, ()).item()) if self.subseed is None and self.subseed_strength
             else self.subseed,
-            height=height, width=width, control=control, **speed, batch_size=len(prompts) if prompted else self.batch_size,
+            height=height, width=width, control=control, batch_size=len(prompts) if prompted else self.batch_size,
+            **speed,
             eta=cfg.sample.eta if self.eta is None and "eta" in spec.options else self.eta, autoguidance=autoguidance,
             overlay=cfg.sample.inpaint_overlay if self.overlay is None else self.overlay,
             **({"original_size": tuple(self.original_size or (height, width)),
@@ -236,8 +238,8 @@ class Request:
 
     def _speed(self, model, guided) -> dict:
         """The speed options, resolved (FAST's where fast=True and not given; else off) and checked."""
-        preset = {k: v for k, v in FAST.items() if self.fast and (guided or k != "cfg_end")
-                  and (model.tiny_decoder is not None or k != "decoder")}
+        has = {"cfg_end": guided, "tome": model.cfg.unet.attention_levels}
+        preset = {k: v for k, v in FAST.items() if self.fast and has.get(k, True)}
         off = {"cfg_end": 1.0, "cache_interval": 1, "cache_depth": None, "tome": 0.0, "decoder": "full"}
         given = {k: getattr(self, k) for k in off if getattr(self, k) is not None}
         out = {**off, **preset, **given}
@@ -250,12 +252,14 @@ class Request:
         if out["cfg_end"] < 1 and not guided:
             raise ValueError(f"cfg_end {out['cfg_end']}: this request has no classifier-free guidance to end "
                              "(no prompt, or cfg_scale 1): give none")
-        inputs = len(model.unet.input_blocks)
+        inputs = model.cfg.unet.skips
         if out["cache_interval"] < 1 or not 0 <= (out["cache_depth"] or 0) < inputs:
             raise ValueError(f"cache_interval must be at least 1 (1: off) and cache_depth from 0 to {inputs - 1} "
                              f"(the U-Net's skips); got {out['cache_interval']} and {out['cache_depth']}")
         if not 0 <= out["tome"] <= 0.75:
             raise ValueError(f"tome (the ratio of tokens merged) must be from 0 to 0.75, got {out['tome']}")
+        if out["tome"] and not model.cfg.unet.attention_levels:
+            raise ValueError(f"tome {out['tome']}: this U-Net has no attention to merge tokens in: give none")
         if out["decoder"] not in ("full", "tiny"):
             raise ValueError(f"decoder must be full or tiny, got {out['decoder']!r}")
         if out["decoder"] == "tiny" and (model.tiny_decoder is None or self.output == "latent"):

@@ -52,6 +52,11 @@ class UNetConfig:
             raise ValueError(f"unet: attention_levels {bad} out of range for {len(self.channel_mult)} levels")
 
     @property
+    def skips(self):
+        """The input blocks, each of which passes a skip to the decoder: the stem, the ResBlocks, the downsamplers."""
+        return 1 + len(self.channel_mult) * (self.num_res_blocks + 1) - 1
+
+    @property
     def factor(self):
         """Image sides must be divisible by this: one halving per level but the last."""
         return 2 ** (len(self.channel_mult) - 1)

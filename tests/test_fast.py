@@ -135,7 +135,7 @@ def test_token_merging_in_the_unet_within_its_bound(pipe):
 
 def test_the_fast_preset_fills_what_was_not_given(pipe):
     r = Request("a cat", steps=4, seed=0, fast=True).resolve(pipe)
-    assert {k: getattr(r, k) for k in OFF} == {**FAST, "decoder": "full"}  # this pixel model has no tiny decoder
+    assert {k: getattr(r, k) for k in OFF} == {**FAST, "decoder": "full"}
     r = Request("a cat", steps=4, seed=0, fast=True, cfg_end=0.8, tome=0.0).resolve(pipe)
     assert (r.cfg_end, r.tome, r.cache_interval) == (0.8, 0.0, FAST["cache_interval"])
     assert Request("a cat", steps=4, seed=0, fast=True, cfg_scale=1.0).resolve(pipe).cfg_end == 1.0  # unguided
@@ -189,7 +189,7 @@ def test_a_run_distils_its_tiny_decoder_and_samples_with_it(tmp_path, latent_cfg
     with pytest.raises(ValueError, match="latents are not decoded"):
         pipe.generate(**dict(kw, output="latent"), decoder="tiny")
     fast_ = pipe.generate(**kw, fast=True)
-    assert fast_.request.decoder == "tiny" and fast_.request.cfg_end == 1.0  # unconditioned: nothing to end
+    assert fast_.request.decoder == "full" and fast_.request.cfg_end == 1.0  # unconditioned: nothing to end
     with pytest.raises(ValueError, match="distils a latent run's own autoencoder"):
         distill_tiny_decoder(tmp_path)
 
@@ -232,3 +232,17 @@ def test_load_auto_and_info(model, monkeypatch, capsys):  # noqa: F811
     assert nanosd.load(model, "fp32").unet.out[2].weight.dtype == torch.float32
     assert main(["info"]) == 0
     assert 'precision="auto" -> bf16: the CPU has AMX' in capsys.readouterr().out
+
+
+def test_options_a_model_cannot_take_are_refused_or_left_out_of_the_preset(tiny_cfg):
+    from nanosd.pipeline import Pipeline
+    from nanosd.schedule import Schedule
+    from nanosd.unet import UNet
+
+    tiny_cfg.unet.attention_levels = []
+    plain = Pipeline(UNet(tiny_cfg.unet), Schedule.of(tiny_cfg.diffusion), tiny_cfg)  # no attention, no prompt
+    r = Request(steps=3, seed=0, fast=True).resolve(plain)
+    assert (r.tome, r.cfg_end, r.cache_interval, r.decoder) == (0.0, 1.0, FAST["cache_interval"], "full")
+    assert plain.generate(steps=3, seed=0, fast=True, output="tensor").images.shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match="no attention to merge tokens in"):
+        plain.generate(steps=3, tome=0.5)

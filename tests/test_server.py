@@ -108,6 +108,18 @@ def test_a1111_requests(served):
                                           ("DDIM", "Karras", "its own timesteps"), ("Euler q", None, "unknown sampler")):
         status, out = call(url, "/sdapi/v1/txt2img", {**body, "sampler_name": sampler_name, "scheduler": schedule})
         assert status == 400 and words in out["detail"], out
+    # the speed options: nanosd's fields, and A1111's token merging option
+    fast = {**body, "sampler_name": "Euler", "fast": True, "cfg_end": 0.7,
+            "override_settings": {"token_merging_ratio": 0.25}}
+    status, out = call(url, "/sdapi/v1/txt2img", fast)
+    text = json.loads(out["info"])["infotexts"][0]
+    assert status == 200 and "CFG end: 0.7, DeepCache interval: 3, DeepCache depth: 1, Token merging ratio: 0.25" \
+        in text
+    for bad, words in (({"cache_depth": 2}, "give cache_interval > 1 too"), ({"decoder": "tiny"}, "no tiny decoder"),
+                       ({"override_settings": {"token_merging_ratio": "half"}}, "token_merging_ratio 'half'"),
+                       ({"cfg_end": 1.5}, "cfg_end is the fraction")):
+        status, out = call(url, "/sdapi/v1/txt2img", {**body, **bad})
+        assert status in (400, 422) and words in json.dumps(out), (bad, out)
     status, samplers = call(url, "/sdapi/v1/samplers")
     assert {"DPM++ 2M", "Euler a", "UniPC"} <= {s["name"] for s in samplers}
     assert call(url, "/sdapi/v1/progress")[1]["state"]["job_count"] == 0
