@@ -225,7 +225,10 @@ def cmd_convert(a):
     if a.lora_dir or a.embedding_dir:  # folders serve prompts, and convert has none
         raise ValueError("convert bakes --lora FILE[:W] into the checkpoint; --lora-dir and --embedding-dir serve "
                          "prompts when generating: give them to generate or serve")
-    pipe = load(a.src, "fp32", vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
+    if a.tiny_decoder or a.precision != "auto":  # convert reads exactly and writes --dtype
+        raise ValueError("convert reads the weights in fp32 and writes --dtype; --precision and --tiny-decoder are "
+                         "for generate and serve: leave them out")
+    pipe = load(a.src, "fp32", threads=a.threads, vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
     add_loras(pipe, a, merge=True)  # written merged: a checkpoint with the LoRAs baked in
     out = save(pipe, a.dst, dtype={"fp32": None, "fp16": torch_dtype("float16"), "bf16": torch_dtype("bfloat16")}[a.dtype])
     print(f"wrote {out}")

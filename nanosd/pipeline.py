@@ -107,12 +107,11 @@ class Pipeline:
         z = z.float().cpu()
         if self.autoencoder is None:
             return (z / 2 + 0.5).clamp(0, 1)
-        if self.tiny_decoder is not None:
-            return (self.decode(z[None], tiny=True)[0].float().cpu() / 2 + 0.5).clamp(0, 1)
-        if self.layout is not None and self.layout.latent_rgb:
+        tiny = self.tiny_decoder is not None
+        if self.layout is not None and self.layout.latent_rgb and not tiny:
             rgb = torch.einsum("chw,cr->rhw", z / self.cfg.diffusion.scale_factor, torch.tensor(self.layout.latent_rgb))
             return ((rgb + 1) / 2).clamp(0, 1)
-        return (self.decode(z[None])[0].float().cpu() / 2 + 0.5).clamp(0, 1)
+        return (self.decode(z[None], tiny=tiny)[0].float().cpu() / 2 + 0.5).clamp(0, 1)
 
     def denoiser(self, cond=None, uncond=None, scale=1.0, autoguidance=1.0, rescale=0.0, controls=(), hints=(),
                  step=(0, 1), cfg_end=1.0, cache=None):
@@ -591,7 +590,7 @@ def load(path, precision="auto", compile=False, vae=None, ema=False, config=None
     path = Path(path)
     if precision not in (*DTYPES, "auto"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    set_threads(threads)
+    set_threads(threads)  # first: the precision's micro-benchmark measures at these threads
     if precision == "auto":
         precision, why = choose_precision()
         pipe = load(path, precision, compile, vae, ema, config, family, prediction, threads)

@@ -246,3 +246,8 @@ def test_options_a_model_cannot_take_are_refused_or_left_out_of_the_preset(tiny_
     assert plain.generate(steps=3, seed=0, fast=True, output="tensor").images.shape == (1, 1, 8, 8)
     with pytest.raises(ValueError, match="no attention to merge tokens in"):
         plain.generate(steps=3, tome=0.5)
+
+
+def test_convert_refuses_the_options_it_would_ignore(model, tmp_path, capsys):  # noqa: F811
+    assert main(["convert", str(model), str(tmp_path / "x.safetensors"), "--precision", "bf16"]) == 2
+    assert "--precision and --tiny-decoder are for generate and serve" in capsys.readouterr().err
