@@ -84,10 +84,8 @@ def load_into(module: torch.nn.Module, tensors: dict, what: str, assign=False, d
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
         raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
     if assign:  # converted one by one in place: each original is freed as its copy is made
-        layout = torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format  # oneDNN's bf16 convs
         for k in list(tensors):
-            v = tensors[k].to(dtype)
-            tensors[k] = v.contiguous(memory_format=layout) if v.ndim == 4 else v
+            tensors[k] = _cast(tensors[k], dtype)
     module.load_state_dict(tensors, assign=assign)
 
 
@@ -112,11 +110,12 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def _cast(t: torch.Tensor, dtype) -> torch.Tensor:
-    """A float tensor in `dtype`; cast to bf16, 4-D weights come out channels-last as they are made (oneDNN's bf16
-    convolutions want it), so that no second copy is made later."""
+    """A float tensor in `dtype`; 4-D weights come out channels-last as they are made, so that no second copy is made
+    later: oneDNN's convolutions then run channels-last (SD 1.5, this repo's benchmarks: bf16 U-Net faster; fp32 U-Net
+    3% faster, VAE decode at 512² 30% faster and 0.3 GiB lower at its peak)."""
     if dtype is None or not t.is_floating_point():
         return t
-    return t.to(dtype, memory_format=torch.channels_last) if dtype == torch.bfloat16 and t.ndim == 4 else t.to(dtype)
+    return t.to(dtype, memory_format=torch.channels_last) if t.ndim == 4 else t.to(dtype)
 
 
 def release_freed_memory():
