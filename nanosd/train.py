@@ -29,6 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import TrainConfig
+from .fast import choose_precision
 from .io import load_tensors, read_metadata, save_tensors
 from .run import GUIDE, METRICS, STATE, WEIGHTS
 
@@ -74,6 +75,7 @@ class Trainer:
         self.run_dir, self.cfg, self.data, self.keep_frozen = Path(run_dir), cfg, data, keep_frozen
         self.rank, self.world, auto = distributed()
         self.device = torch.device(device) if device else auto
+        self.bf16 = cfg.bf16 if cfg.bf16 != "auto" else self.device.type == "cpu" and choose_precision()[0] == "bf16"
         self.model = model.to(self.device)
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
         frozen = {id(p): p for p in self.model.parameters() if not p.requires_grad}
@@ -208,7 +210,7 @@ class Trainer:
             batch = self.batch(self.step, k * self.micro, (k + 1) * self.micro)
             sync = contextlib.nullcontext() if j == per_rank - 1 or self.world == 1 else self.forward.no_sync()
             with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     terms = self.forward(batch, g, self.step)
                 (terms["loss"] / per_rank).backward()  # DDP then averages over the ranks
             for name, v in terms.items():
@@ -295,7 +297,7 @@ class Trainer:
         (a slower CPU than the recipe was made on): its samples will be worse than the recipe's."""
         c, steps, seconds = self.cfg, self.step - first_step, self.elapsed - first_elapsed
         print(f"trained {self.step} steps ({steps} now) in {self.elapsed / 60:.1f} min, "
-              f"{steps * c.batch_size / max(seconds, 1e-9):.0f} images/s")
+              f"{steps * c.batch_size / max(seconds, 1e-9):.0f} images/s ({'bf16 autocast' if self.bf16 else 'fp32'})")
         if c.minutes and c.steps and self.step < 0.75 * c.steps:
             print(f"warning: the {c.minutes:g}-minute cap stopped this run at step {self.step} of the {c.steps} its "
                   f"recipe was tuned for (a slower CPU): expect weaker samples, or resume it with "

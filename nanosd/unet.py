@@ -108,7 +108,13 @@ class CrossAttention(nn.Module):
                    for p, s in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
         if mask is not None:  # (B, M) True for real tokens -> broadcast over heads and queries
             mask = mask[:, None, None, :].bool()
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.device.type == "cpu" and N < 1024:
+            # training under bf16 autocast: torch's CPU flash-attention backward runs 4-10x slower in bf16 than in
+            # fp32 on short sequences (benchmarks/train_speed.py: half the text recipe's step); longer ones gain
+            with torch.autocast("cpu", enabled=False):  # which would cast them back
+                h = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if self.probe is not None:  # for figures only: the weights that SDPA does not return
             w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
             self.probe.append((w if mask is None else w.masked_fill(~mask, -torch.inf)).softmax(-1).mean(1))

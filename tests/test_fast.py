@@ -251,3 +251,37 @@ def test_options_a_model_cannot_take_are_refused_or_left_out_of_the_preset(tiny_
 def test_convert_refuses_the_options_it_would_ignore(model, tmp_path, capsys):  # noqa: F811
     assert main(["convert", str(model), str(tmp_path / "x.safetensors"), "--precision", "bf16"]) == 2
     assert "--precision and --tiny-decoder are for generate and serve" in capsys.readouterr().err
+
+
+def test_training_takes_bf16_autocast_where_the_cpu_is_faster(monkeypatch, tmp_path, tiny_cfg, capsys,
+                                                               image_folder):  # noqa: F811
+    from nanosd import train as trainer
+    from nanosd import unet as unet_module
+
+    assert tiny_cfg.train.bf16 == "auto"
+    tiny_cfg.data.name = str(image_folder)
+    choice = ["fp32"]
+    monkeypatch.setattr(trainer, "choose_precision", lambda: (choice[0], "test"))
+    seen = []  # the dtypes attention computes in
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(unet_module.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    for pick, want in (("fp32", "fp32"), ("bf16", "bf16 autocast")):
+        choice[0] = pick
+        run = train(tiny_cfg, tmp_path / pick, steps=2)
+        assert f"images/s ({want})" in capsys.readouterr().out
+        assert (run / "model.safetensors").is_file()
+    # under bf16 autocast, training attention runs in fp32 (torch's CPU flash-attention backward is slow in bf16
+    # on short sequences); sampling attention stays in bf16
+    net = unet_module.UNet(tiny_cfg.unet)
+    x, t = torch.randn(2, tiny_cfg.unet.in_channels, 8, 8), torch.tensor([1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, t).float().sum().backward()
+        assert seen and set(seen) == {torch.float32}
+        seen.clear()
+        with torch.no_grad():
+            net(x, t)
+        assert seen and set(seen) == {torch.bfloat16}
+    tiny_cfg.train.bf16 = "yes"
+    with pytest.raises(ValueError, match="train.bf16 = 'yes': give true, false or \"auto\""):
+        tiny_cfg.validate()
