@@ -24,7 +24,7 @@ def _save(plt, fig, out):
 
 def _show(ax, image, title=None):
     """image (C, H, W) in [-1, 1]."""
-    im = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+    im = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).float().cpu().numpy()
     ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([]), ax.set_yticks([])
     if title:
@@ -101,7 +101,7 @@ def latent_figure(out, run, n=6):
         _show(axes[r, 0], x[r], "x" if r == 0 else None)
         for k in range(c):
             ax = axes[r, 1 + k]
-            ax.imshow(z[r, k].numpy(), cmap="RdBu_r")
+            ax.imshow(z[r, k].float().numpy(), cmap="RdBu_r")
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"z[{k}]", fontsize=8)
@@ -171,7 +171,7 @@ def attention_figure(out, run, prompt=None, n_steps=4, seed=0):
             # each token on its own scale (as DAAM draws them), or [CLS] would swamp the words; its share of the
             # prompt's attention says how much it is looked at
             heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
-            ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.imshow(heat.float().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             ax.text(0.03, 0.03, f"{(m[c].mean() / mass).item():.0%}", transform=ax.transAxes, fontsize=7,
                     color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
     fig.suptitle(f"cross-attention of '{prompt}': each token's map on its own scale, its share of the "

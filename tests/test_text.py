@@ -198,6 +198,9 @@ def test_tiny_conditioned_run_end_to_end(tmp_path, tiny_cfg, monkeypatch, encode
         assert main(["explain", "attention", str(run), prompt, "--out", str(tmp_path / "att.png")]) == 0
         assert main(["explain", "seeds", str(run), prompt, "--out", str(tmp_path / "seeds.png")]) == 0
         assert Image.open(tmp_path / "seeds.png").size[0] > 600
+        with pytest.MonkeyPatch.context() as m:  # where precision="auto" picks bf16, the figures draw from it too
+            m.setenv("NANOSD_PRECISION", "bf16")
+            assert main(["explain", "attention", str(run), prompt, "--out", str(tmp_path / "att16.png")]) == 0
 
 
 def test_bad_prompts_get_one_line_errors(tmp_path, tiny_cfg, capsys, monkeypatch):
