@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import Upsample  # nearest x2 then a 3x3 conv, in both networks
+from .unet import Upsample, attention  # nearest x2 then a 3x3 conv, in both networks
 
 
 @dataclass
@@ -71,7 +71,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (p(h).reshape(B, 1, C, H * W).transpose(2, 3) for p in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
+        h = attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
 

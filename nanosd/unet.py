@@ -108,17 +108,21 @@ class CrossAttention(nn.Module):
                    for p, s in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
         if mask is not None:  # (B, M) True for real tokens -> broadcast over heads and queries
             mask = mask[:, None, None, :].bool()
-        if q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.device.type == "cpu" and N < 1024:
-            # training under bf16 autocast: torch's CPU flash-attention backward runs 4-10x slower in bf16 than in
-            # fp32 on short sequences (benchmarks/train_speed.py: half the text recipe's step); longer ones gain
-            with torch.autocast("cpu", enabled=False):  # which would cast them back
-                h = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
-        else:
-            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = attention(q, k, v, mask)
         if self.probe is not None:  # for figures only: the weights that SDPA does not return
             w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
             self.probe.append((w if mask is None else w.masked_fill(~mask, -torch.inf)).softmax(-1).mean(1))
         return self.to_out(h.transpose(1, 2).reshape(B, N, C))
+
+
+def attention(q, k, v, mask=None):
+    """Scaled dot-product attention (B, heads, tokens, dim). Training under bf16 autocast computes it in fp32 below
+    1024 queries: torch's CPU flash-attention backward runs 4-10x slower in bf16 than in fp32 there (half the text
+    recipe's step, benchmarks/train_speed.py); longer sequences gain from bf16."""
+    if q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.device.type == "cpu" and q.shape[2] < 1024:
+        with torch.autocast("cpu", enabled=False):  # which would cast them back
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class GEGLU(nn.Module):
