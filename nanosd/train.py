@@ -76,10 +76,10 @@ class Trainer:
         self.rank, self.world, auto = distributed()
         self.device = torch.device(device) if device else auto
         self.bf16 = cfg.bf16 if cfg.bf16 != "auto" else self.device.type == "cpu" and choose_precision()[0] == "bf16"
-        # the layout oneDNN trains fastest in (benchmarks/train_speed.py, AMD Zen 5): fp32 channels-last (U-Nets
-        # 1.03-1.2x NCHW), bf16 autocast NCHW (channels-last ran its GroupNorms up to 10x slower: 0.75x the step)
-        self.layout = torch.channels_last if self.device.type == "cpu" and not self.bf16 else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.layout)
+        # NCHW, whatever the weights were loaded as (inference loads them channels-last): bf16 autocast ran its
+        # GroupNorms up to 10x slower channels-last; fp32 gained 1.03-1.2x from it (benchmarks/train_speed.py) but
+        # the optimizer's state and the checkpoints that resume it are NCHW
+        self.model = model.to(self.device, memory_format=torch.contiguous_format)
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
         frozen = {id(p): p for p in self.model.parameters() if not p.requires_grad}
         self.ema = copy.deepcopy(self.model, memo=frozen).requires_grad_(False)  # what is frozen stays shared
@@ -211,8 +211,8 @@ class Trainer:
             torch.manual_seed(seed)  # dropout
             g = torch.Generator(self.device).manual_seed(seed)
             batch = self.batch(self.step, k * self.micro, (k + 1) * self.micro)
-            batch = {name: t.clone(memory_format=self.layout) if torch.is_tensor(t) and t.ndim == 4 else t
-                     for name, t in batch.items()}  # the data's own strides would decide it (MNIST's: channels-last)
+            batch = {name: t.clone(memory_format=torch.contiguous_format) if torch.is_tensor(t) and t.ndim == 4
+                     else t for name, t in batch.items()}  # or the data's strides decide (MNIST's: channels-last)
             sync = contextlib.nullcontext() if j == per_rank - 1 or self.world == 1 else self.forward.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
