@@ -4,7 +4,8 @@ one Trainer: AdamW, EMA, clipping) on the same data, alternating, each a median 
     python benchmarks/train_speed.py configs/mnist-text.toml [--steps 30] [--rounds 2]
 
 Modes: nanosd fp32, nanosd bf16 autocast (train.bf16), diffusers fp32 (UNet2DConditionModel from the same
-config: nanosd/formats/diffusers.unet_json; an unconditioned recipe's transformers have no context there either).
+config: nanosd/formats/diffusers.unet_json; an unconditioned recipe's transformers have no context there either),
+and nanosd fp32 / bf16 channels-last (weights and inputs; the Trainer itself trains NCHW: these say what it gives up).
 The recipe's input is what its U-Net trains on: latents for latent recipes (its autoencoder's shape), pixels
 otherwise; a text recipe's context is its encoder's width and length, computed once (the frozen encoder costs
 both the same). Prints the CPU, each mode's images/s and its ratio to diffusers fp32.
@@ -75,11 +76,7 @@ def main():
 
     compiled = lambda c: torch.compile(UNet(c))
 
-    class ChannelsLast(UNet):  # weights and inputs channels-last (oneDNN's preferred layout)
-        def __init__(self, c):
-            super().__init__(c)
-            self.to(memory_format=torch.channels_last)
-
+    class ChannelsLast(UNet):  # weights (made so after the Trainer's NCHW, below) and inputs channels-last
         def forward(self, x, t, **kw):
             return super().forward(x.contiguous(memory_format=torch.channels_last), t, **kw)
 
@@ -95,6 +92,8 @@ def main():
                 tcfg = dataclasses.replace(cfg.train, steps=a.steps + 3, bf16=bf16, sample_every=0, minutes=0,
                                            checkpoint_every=10**9, log_every=10**9)
                 trainer = Trainer(f"{tmp}/{r}-{name}", cls(u), loss, data, tcfg)
+                if cls is ChannelsLast:  # before the optimizer's state exists, which then takes the same layout
+                    trainer.model.to(memory_format=torch.channels_last)
                 for i in range(a.steps + 3):  # the first 3 (warm-up; compilation) are not counted
                     t0 = time.perf_counter()
                     trainer.train_step()
