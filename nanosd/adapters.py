@@ -202,6 +202,7 @@ def attach(pipe, lora: Lora, merge=False):
     modules = _modules(pipe)
     for (part, name), (kind, tensors, scale) in lora.deltas.items():
         module = modules[part][name]
+        tensors = [t if t is None else t.to(module.weight.device) for t in tensors]  # a model on a GPU: there
         s = scale * lora.weights["unet" if part == "unet" else "text"]
         dora = tensors[3] if kind == "lowrank" and len(tensors) > 3 else None
         if dora is not None:  # DoRA (Liu et al. 2024): W' = m (W + s dW) / |W + s dW|, a norm per output channel

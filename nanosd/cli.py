@@ -40,7 +40,7 @@ def cmd_generate(a):
     control_flags(a)
     replay = replayed(a)
     pipe = load(a.model, precision=a.precision, compile=a.compile, vae=a.vae, ema=a.ema, config=a.config,
-                family=a.family, prediction=a.prediction, threads=a.threads)
+                family=a.family, prediction=a.prediction, threads=a.threads, device=a.device)
     if a.tiny_decoder:
         pipe.load_tiny_decoder(a.tiny_decoder)
     pipe.progress = True
@@ -144,6 +144,9 @@ def cmd_info(a):
             print(f"matmul (1024², cached): fp32 {speed['fp32']:.0f} GFLOP/s, bf16 {speed['bf16']:.0f} GFLOP/s")
         precision, why = choose_precision(facts)
         print(f'precision="auto" -> {precision}: {why}')
+        for i in range(torch.cuda.device_count()):  # where load() runs by default when there is one
+            precision, why = choose_precision(device=f"cuda:{i}")
+            print(f'cuda:{i}: precision="auto" -> {precision}: {why}')
         return
 
     text = read_parameters(open_image(a.image), a.image)
@@ -225,10 +228,11 @@ def cmd_convert(a):
     if a.lora_dir or a.embedding_dir:  # folders serve prompts, and convert has none
         raise ValueError("convert bakes --lora FILE[:W] into the checkpoint; --lora-dir and --embedding-dir serve "
                          "prompts when generating: give them to generate or serve")
-    if a.tiny_decoder or a.precision != "auto":  # convert reads exactly and writes --dtype
-        raise ValueError("convert reads the weights in fp32 and writes --dtype; --precision and --tiny-decoder are "
-                         "for generate and serve: leave them out")
-    pipe = load(a.src, "fp32", threads=a.threads, vae=a.vae, ema=a.ema, config=a.config, family=a.family, prediction=a.prediction)
+    if a.tiny_decoder or a.precision != "auto" or a.device:  # convert reads exactly and writes --dtype
+        raise ValueError("convert reads the weights in fp32 on the CPU and writes --dtype; --precision, --device and "
+                         "--tiny-decoder are for generate and serve: leave them out")
+    pipe = load(a.src, "fp32", threads=a.threads, vae=a.vae, ema=a.ema, config=a.config, family=a.family,
+                prediction=a.prediction, device="cpu")
     add_loras(pipe, a, merge=True)  # written merged: a checkpoint with the LoRAs baked in
     out = save(pipe, a.dst, dtype={"fp32": None, "fp16": torch_dtype("float16"), "bf16": torch_dtype("bfloat16")}[a.dtype])
     print(f"wrote {out}")
@@ -295,7 +299,7 @@ def cmd_serve(a):
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, family=a.family, prediction=a.prediction,
           config=a.config, loras=a.lora, lora_dirs=a.lora_dir, embedding_dirs=a.embedding_dir,
           controlnet_dirs=a.controlnet_dir or (), models_dir=a.models_dir, outdir=a.outdir, precision=a.precision,
-          threads=a.threads, tiny_decoder=a.tiny_decoder)
+          threads=a.threads, tiny_decoder=a.tiny_decoder, device=a.device)
 
 
 def cmd_eval(a):
@@ -337,9 +341,11 @@ def load_options(p):
     p.add_argument("--lora-dir", action="append", help="where prompt tags <lora:NAME:W> find NAME.safetensors")
     p.add_argument("--embedding-dir", action="append", help="textual-inversion embeddings, each used in prompts by "
                                                             "its file's stem (repeatable)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto (default): bf16 where this CPU does it faster (`nanosd info`), else fp32 (exact)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where this CPU does it faster (`nanosd info`), else fp32 (exact); "
+                        "on a GPU bf16, or fp16 where it has no bf16")
     p.add_argument("--threads", type=int, help="torch's threads (default: one per physical core; $NANOSD_THREADS)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU if there is one)")
     p.add_argument("--tiny-decoder", help="TAESD's decoder file for this model (taesd_decoder.safetensors; "
                                           "taesdxl_decoder for SDXL): previews, and --decoder tiny")
 

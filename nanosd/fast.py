@@ -77,15 +77,21 @@ def measured(facts: dict) -> dict:
     return known[key]
 
 
-def choose_precision(facts: dict | None = None) -> tuple[str, str]:
-    """("fp32" | "bf16", why) for this CPU ($NANOSD_PRECISION, if set, decides): bf16 with AMX (its tiles do bf16
-    several times faster than fp32); where the CPU has bf16 instructions without AMX (AVX-512 BF16, Arm's BF16)
-    whatever a cached micro-benchmark finds faster by a margin (on Intel without AMX bf16 is slower, on AMD Zen 5
-    four times faster); fp32 where bf16 would be emulated (AVX2 only: a hundred times slower)."""
+def choose_precision(facts: dict | None = None, device=None) -> tuple[str, str]:
+    """("fp32" | "bf16" | "fp16", why) for this CPU, or for `device` when it is a GPU ($NANOSD_PRECISION, if set,
+    decides). A GPU: bf16 where it has bf16 tensor cores (fp16's speed without its overflows: SDXL's VAE), else
+    fp16. A CPU: bf16 with AMX (its tiles do bf16 several times faster than fp32); where the CPU has bf16
+    instructions without AMX (AVX-512 BF16, Arm's BF16) whatever a cached micro-benchmark finds faster by a margin
+    (on Intel without AMX bf16 is slower, on AMD Zen 5 four times faster); fp32 where bf16 would be emulated (AVX2
+    only: a hundred times slower)."""
     if forced := os.environ.get("NANOSD_PRECISION"):
-        if forced not in ("fp32", "bf16"):
-            raise ValueError(f"NANOSD_PRECISION={forced!r}: give fp32 or bf16 (or unset it: measured per CPU)")
+        if forced not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"NANOSD_PRECISION={forced!r}: give fp32, bf16 or fp16 (or unset it: chosen per machine)")
         return forced, "NANOSD_PRECISION"
+    if device is not None and torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return ("bf16", f"{name} has bf16 tensor cores") if torch.cuda.is_bf16_supported() else \
+            ("fp16", f"{name} has no bf16: fp16")
     facts = facts or cpu_facts()
     flags = set(facts["flags"])
     if "amx_bf16" in flags:

@@ -24,7 +24,7 @@ from .schedule import Schedule
 from .seeds import ImageNoise
 from .unet import UNet
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Pipeline:
@@ -40,12 +40,12 @@ class Pipeline:
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.conditioner = conditioner.eval() if conditioner is not None else None
         if precision not in DTYPES:
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.precision, self.precision_why = precision, "asked for"
-        if precision == "bf16":  # weights in bf16 (half the memory, AMX matmuls); the sampler's arithmetic stays fp32
-            for m in (self.unet, self.guide, self.autoencoder, self.text_encoder, self.text_encoder_2):
-                if m is not None:  # oneDNN's bf16 convolutions want channels-last
-                    m.to(torch.bfloat16, memory_format=torch.channels_last)
+        if precision != "fp32":  # half-size weights (half the memory, AMX or tensor-core matmuls); the sampler's
+            for m in (self.unet, self.guide, self.autoencoder, self.text_encoder, self.text_encoder_2):  # stays fp32
+                if m is not None:  # oneDNN's bf16 and cuDNN's half convolutions want channels-last
+                    m.to(DTYPES[precision], memory_format=torch.channels_last)
         self.progress = False  # a tqdm bar over the sampler's steps (the CLI turns it on)
         self.vae_tile = 96  # latents larger than this decode in tiles (96 = 768 px for SD)
         self.loras = []  # LoRAs loaded with load_lora, in order
@@ -55,6 +55,14 @@ class Pipeline:
         self.embeddings = {}  # textual inversion: token -> what A1111's /sdapi/v1/embeddings says of it
         self.tiny_decoder = None  # TAESD's decoder (load_tiny_decoder; a run's own distilled one): previews, and
         # final images with decoder="tiny"
+
+    def to(self, device):
+        """Every model of the pipeline on `device` (in place; their dtype and channels-last layout kept); the
+        sampler's noise is still drawn on the CPU, so a seed gives the same image on any device."""
+        for m in (self.unet, self.guide, self.autoencoder, self.conditioner, self.tiny_decoder):
+            if m is not None:
+                m.to(device)
+        return self
 
     @classmethod
     def of(cls, model, schedule, cfg, autoencoder=None, precision="fp32", guide=None):
@@ -260,7 +268,8 @@ class Pipeline:
             raise ValueError(f"tiny decoder {path} decodes {tiny[1].weight.shape[1]}-channel latents {tiny.factor}x "
                              f"smaller than images; this model's are " + (f"{z}-channel, {self.factor_ae}x" if want
                              else "pixels (no autoencoder)") + ": give the one made for this model's VAE")
-        self.tiny_decoder = tiny.to(next(self.autoencoder.parameters()).dtype).eval()
+        like = next(self.autoencoder.parameters())
+        self.tiny_decoder = tiny.to(like.device, like.dtype).eval()
         return tiny
 
     def load_embedding(self, path, token=None):
@@ -578,22 +587,25 @@ def _ramp(n, overlap, first, last):
 
 
 def load(path, precision="auto", compile=False, vae=None, ema=False, config=None, family=None,
-         prediction=None, threads=None) -> Pipeline:
+         prediction=None, threads=None, device=None) -> Pipeline:
     """A run folder trained here, a Stable Diffusion single file (.safetensors, or .ckpt read without unpickling
     code) of any family nanosd knows, or a diffusers folder; `vae` replaces the model's autoencoder with another
     file's. A single file's family and architecture are told from its keys and shapes (`family=` checks it), or
     read from `config` (a diffusers folder's config files, as diffusers' from_single_file takes them); a file cannot
     say whether it predicts eps or v: `prediction=` ("eps", "v") says so (SD 2.x's 768-v models), else eps is
     assumed and said. ema=True takes a single file's EMA U-Net. compile=True compiles the U-Net (torch.compile;
-    the first image pays for it). precision: "auto" (bf16 where this CPU does it faster: fast.choose_precision),
-    "fp32" (exact: diffusers' images to 1e-4) or "bf16". threads: torch's (default: one per physical core)."""
+    the first image pays for it). precision: "auto" (bf16 where this CPU does it faster, bf16 or fp16 on a GPU:
+    fast.choose_precision), "fp32" (exact: diffusers' images to 1e-4), "bf16" or "fp16". threads: torch's (default:
+    one per physical core). device: where the models run ("cpu", "cuda", "cuda:1"; default: the GPU if there is
+    one, as A1111 does)."""
     path = Path(path)
     if precision not in (*DTYPES, "auto"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    device = _device(device)
     set_threads(threads)  # first: the precision's micro-benchmark measures at these threads
     if precision == "auto":
-        precision, why = choose_precision()
-        pipe = load(path, precision, compile, vae, ema, config, family, prediction, threads)
+        precision, why = choose_precision(device=device)
+        pipe = load(path, precision, compile, vae, ema, config, family, prediction, threads, device)
         pipe.precision_why = why
         return pipe
     if not path.is_file() and (ema or config is not None):  # never ignored: refused where they mean nothing
@@ -610,14 +622,14 @@ def load(path, precision="auto", compile=False, vae=None, ema=False, config=None
             raise ValueError(f"{path} is a ControlNet run: generate with its base and the run as the ControlNet "
                              f"(nanosd generate {run.controlnet.base} PROMPT --controlnet {path} --control-image IMG)")
         if (lora := run.lora) is not None:  # a LoRA (or textual-inversion) run: its base, patched
-            pipe = load(lora.base, precision, compile)
+            pipe = load(lora.base, precision, compile, device=device)
             if lora.embedding:
                 pipe.load_embedding(path / f"{lora.embedding}.safetensors")
             else:
                 pipe.load_lora(path / LORA)
             return pipe
         if run.init:  # a fine-tune: its base with the U-Net it learned
-            pipe = load(run.init, precision, compile=False)
+            pipe = load(run.init, precision, compile=False, device=device)
             unet = {k.removeprefix("unet."): v for k, v in load_tensors(path / WEIGHTS).items()}
             load_into(pipe.unet, unet, f"{path / WEIGHTS}")  # copied into the weights in their precision
             pipe.unet = torch.compile(pipe.unet) if compile else pipe.unet
@@ -651,10 +663,27 @@ def load(path, precision="auto", compile=False, vae=None, ema=False, config=None
         raise FileNotFoundError(f"model {path} not found: give a run folder, a .safetensors/.ckpt file or a diffusers folder")
     if vae is not None:
         replace_vae(pipe, vae)
+    pipe.to(device)
     if compile:
         pipe.unet = torch.compile(pipe.unet)
     release_freed_memory()  # the read buffers: before sampling adds its own peak
     return pipe
+
+
+def _device(device) -> torch.device:
+    """The device asked for (default: the first GPU if there is one, else the CPU), refused where it is not here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"device {device} is not on this machine ({torch.cuda.device_count()} CUDA GPUs seen by "
+                         f"torch {torch.__version__}): give device='cpu' or install torch's CUDA build")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device}: nanosd runs on cpu or cuda")
+    return device
 
 
 def _check_family(found, family, path):

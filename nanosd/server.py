@@ -814,7 +814,7 @@ def create_app(pipe: Pipeline, model: str, limits: Limits | None = None, api_key
 
 def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits | None = None, family=None,
           prediction=None, config=None, loras=(), lora_dirs=(), embedding_dirs=(), controlnet_dirs=(),
-          models_dir=None, outdir="outputs", precision="auto", threads=None, tiny_decoder=None):
+          models_dir=None, outdir="outputs", precision="auto", threads=None, tiny_decoder=None, device=None):
     import uvicorn
 
     from .adapters import setup
@@ -823,7 +823,7 @@ def serve(model: str, host="127.0.0.1", port=7860, api_key=None, limits: Limits 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise ValueError(f"--host {host} opens the server to other machines: give --api-key KEY as well")
     def loader(path, **kw):  # a checkpoint of --models-dir, as the served one was loaded (its LoRAs and embeddings)
-        pipe = load(path, precision, prediction=prediction, threads=threads, **kw)
+        pipe = load(path, precision, prediction=prediction, threads=threads, device=device, **kw)
         setup(pipe, loras, lora_dirs, embedding_dirs=embedding_dirs)
         return pipe
 

@@ -75,7 +75,11 @@ class Trainer:
         self.run_dir, self.cfg, self.data, self.keep_frozen = Path(run_dir), cfg, data, keep_frozen
         self.rank, self.world, auto = distributed()
         self.device = torch.device(device) if device else auto
-        self.bf16 = cfg.bf16 if cfg.bf16 != "auto" else self.device.type == "cpu" and choose_precision()[0] == "bf16"
+        self.bf16 = cfg.bf16 if cfg.bf16 != "auto" else choose_precision(device=self.device)[0] == "bf16"
+        if cfg.bf16 == "auto" and self.world > 1:  # one arithmetic for all ranks, each of which chose on its own
+            agreed = torch.tensor([int(self.bf16)], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            self.bf16 = bool(agreed.item())
         # NCHW, whatever the weights were loaded as (inference loads them channels-last): bf16 autocast ran its
         # GroupNorms up to 10x slower channels-last; fp32 gained 1.03-1.2x from it (benchmarks/train_speed.py) but
         # the optimizer's state and the checkpoints that resume it are NCHW

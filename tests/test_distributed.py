@@ -186,3 +186,26 @@ def test_a_controlnet_trains_under_torchrun_and_resumes_as_in_one_process(recipe
     assert a.keys() == b.keys() and a["control_model.middle_block_out.0.weight"].abs().max() > 0  # it learned
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert (tmp_path / "two" / "controlnet" / "config.json").is_file()
+
+
+def _rank_trains_in(rank, port, out, picks):
+    """One torchrun-like rank whose own CPU test says picks[rank]: which arithmetic its Trainer takes."""
+    import nanosd.train as train
+    from nanosd.config import TrainConfig, UNetConfig
+    from nanosd.unet import UNet
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    train.choose_precision = lambda device=None: (picks[rank], "this rank's measurement")
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=[1], num_res_blocks=1, attention_levels=[]))
+    trainer = train.Trainer(out / str(rank), unet, None, list(range(8)), TrainConfig(batch_size=8, steps=1))
+    (out / f"{rank}.txt").write_text(str(trainer.bf16))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("picks,want", [(("bf16", "fp32"), "False"), (("bf16", "bf16"), "True")])
+def test_ranks_that_choose_differently_train_in_one_arithmetic(tmp_path, picks, want):
+    """train.bf16 = auto under torchrun: bf16 autocast only if every rank's CPU chose it (else gradients would
+    average across arithmetics)."""
+    torch.multiprocessing.spawn(_rank_trains_in, (29000 + os.getpid() % 500, tmp_path, picks), nprocs=2)
+    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == [want, want]

@@ -208,8 +208,13 @@ def test_precision_auto_picks_by_the_cpu(monkeypatch, tmp_path):
         monkeypatch.setattr(fast, "measured", lambda f, s=speed: s)
         pick, why = fast.choose_precision({**facts, "flags": ["avx512f", "avx512_bf16"]})
         assert pick == want and "measured matmuls" in why
-    monkeypatch.setenv("NANOSD_PRECISION", "fp16")
-    with pytest.raises(ValueError, match="NANOSD_PRECISION='fp16': give fp32 or bf16"):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "test GPU")  # a GPU: its tensor cores decide
+    for bf16, want in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda b=bf16: b)
+        assert fast.choose_precision(device="cuda:0") == (want, "test GPU has " + ("bf16 tensor cores" if bf16 else
+                                                                                    "no bf16: fp16"))
+    monkeypatch.setenv("NANOSD_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="NANOSD_PRECISION='fp8': give fp32, bf16 or fp16"):
         fast.choose_precision()
 
 
@@ -249,8 +254,9 @@ def test_options_a_model_cannot_take_are_refused_or_left_out_of_the_preset(tiny_
 
 
 def test_convert_refuses_the_options_it_would_ignore(model, tmp_path, capsys):  # noqa: F811
-    assert main(["convert", str(model), str(tmp_path / "x.safetensors"), "--precision", "bf16"]) == 2
-    assert "--precision and --tiny-decoder are for generate and serve" in capsys.readouterr().err
+    for option in (["--precision", "bf16"], ["--device", "cpu"]):
+        assert main(["convert", str(model), str(tmp_path / "x.safetensors"), *option]) == 2
+        assert "--precision, --device and --tiny-decoder are for generate and serve" in capsys.readouterr().err
 
 
 def test_training_takes_bf16_autocast_where_the_cpu_is_faster(monkeypatch, tmp_path, tiny_cfg, capsys,
@@ -261,7 +267,7 @@ def test_training_takes_bf16_autocast_where_the_cpu_is_faster(monkeypatch, tmp_p
     assert tiny_cfg.train.bf16 == "auto"
     tiny_cfg.data.name = str(image_folder)
     choice = ["fp32"]
-    monkeypatch.setattr(trainer, "choose_precision", lambda: (choice[0], "test"))
+    monkeypatch.setattr(trainer, "choose_precision", lambda device=None: (choice[0], "test"))
     seen = []  # the dtypes attention computes in
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(unet_module.F, "scaled_dot_product_attention",
@@ -308,3 +314,21 @@ def test_the_trainer_trains_nchw_whatever_the_weights_and_data_strides(tmp_path,
         trainer.model.encoder.conv_in.register_forward_hook(lambda m, a, out: seen.append(out))
         trainer.train_step()
         assert seen[0].is_contiguous(memory_format=layout) and seen[0].shape[1] == 32
+
+
+def test_fp16_and_the_device_are_chosen_at_load(pipe, model):  # noqa: F811
+    """precision="fp16" (a GPU's, where it has no bf16; it runs on a CPU too) stays near fp32; device= is checked
+    where the pipeline is loaded, in one line."""
+    half = nanosd.load(model, "fp16", device="cpu")
+    assert half.unet.out[2].weight.dtype == half.text_encoder.final_layer_norm.weight.dtype == torch.float16
+    half.unet.load_state_dict(pipe.unet.state_dict())  # the fixture's random weights, cast
+    kw = dict(prompt="a 3", steps=4, seed=0, height=16, width=16, output="latent")
+    exact, got = pipe.generate(**kw).images, half.to("cpu").generate(**kw).images
+    assert got.dtype == torch.float32 and 0 < (got - exact).norm() / exact.norm() < 0.01  # fp16 ran, near fp32
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda:0 is not on this machine"):
+            nanosd.load(model, device="cuda:0")
+    with pytest.raises(ValueError, match="device 'gpu' is not a device: give cpu, cuda or cuda:N"):
+        nanosd.load(model, device="gpu")
+    with pytest.raises(ValueError, match="nanosd runs on cpu or cuda"):
+        nanosd.load(model, device="mps")
