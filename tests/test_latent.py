@@ -34,6 +34,34 @@ def test_sd_v1_vae_layout_and_size():
         assert k in keys, k
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_decoding_by_bands_of_rows_is_decoding_whole(monkeypatch, dtype, tol):
+    """Sampling decodes large images image by image in bands of rows (memory); the same numbers as whole, also
+    for odd sizes, several images and channels-last weights."""
+    import nanosd.autoencoder as autoencoder
+
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(in_channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8))
+    with torch.no_grad():  # a trained autoencoder's norms are not the identity
+        for m in ae.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    ae = ae.eval().to(dtype, memory_format=torch.channels_last)
+    z = torch.randn(2, 4, 5, 7) * 3 + 1
+    with torch.no_grad():
+        whole = ae.decode(z).float()
+        banded = []
+        stats = autoencoder._group_stats
+        monkeypatch.setattr(autoencoder, "_group_stats", lambda *a: banded.append(1) or stats(*a))
+        for band in (1, 5000):  # one row, and a few rows, per band
+            monkeypatch.setattr(autoencoder, "BAND_BYTES", band)
+            got = ae.decode(z).float()
+            assert got.shape == whole.shape == (2, 3, 20, 28) and banded
+            assert (got - whole).abs().max() < tol * whole.abs().max()
+    ae.train()  # training takes the whole path (and its gradients)
+    assert ae.decode(z.to(dtype)).requires_grad
+
+
 def test_kl_against_its_closed_form():
     g = torch.Generator().manual_seed(0)
     moments = torch.randn(3, 8, 4, 4, generator=g)
