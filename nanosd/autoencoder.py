@@ -51,7 +51,7 @@ BAND_BYTES = 16 << 20  # sampling on a CPU: a 3x3 conv's input of 8 such bands o
 def conv_by_rows(conv: nn.Conv2d, x, norm: nn.GroupNorm | None = None, up=1):
     """conv(silu(norm(x))), or conv(x upsampled `up` times, nearest). When sampling on a CPU, image by image in
     bands of output rows: the normalised or upsampled input (the output's size or 4x it) is never whole in memory (SD's
-    decode at 512² in fp32: its peak 0.15 GB lower). The same numbers: the norm's statistics are the whole
+    decode at 512² in fp32: its peak 0.1-0.15 GB lower). The same numbers: the norm's statistics are the whole
     image's, and each band is convolved with the rows above and below it that the 3x3 kernel reads."""
     N, C, H, W = x.shape
     Ho = H * up
