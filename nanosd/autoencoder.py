@@ -66,13 +66,13 @@ def conv_by_rows(conv: nn.Conv2d, x, norm: nn.GroupNorm | None = None, up=1):
         xi = x[i:i + 1]
         if norm:
             mean, var = _group_stats(xi.split(rows, 2), norm.num_groups)
+            weight, bias = norm.weight.float(), norm.bias.float()
         for r0 in range(0, Ho, rows):
             r1 = min(r0 + rows, Ho)
             a, b = max(r0 - 1, 0), min(r1 + 1, Ho)  # the conv's input rows for output rows r0..r1
             h = xi[:, :, a // up:(b - 1) // up + 1]
             if norm:  # GroupNorm with the image's statistics: per channel, the affine map batch_norm applies
-                h = F.silu(F.batch_norm(h, mean, var, norm.weight.float(), norm.bias.float(), eps=norm.eps),
-                           inplace=True)
+                h = F.silu(F.batch_norm(h, mean, var, weight, bias, eps=norm.eps), inplace=True)
             if up > 1:
                 h = F.interpolate(h, scale_factor=up, mode="nearest")[:, :, a % up:a % up + b - a]
             h = F.pad(h, (0, 0, int(r0 == 0), int(r1 == Ho)))  # the conv's zero padding, at the image's edges only

@@ -64,7 +64,8 @@ class TrainConfig:
     steps: int = 0  # 0: no step limit (use minutes)
     minutes: float = 0.0  # wall-clock budget (with steps: a cap); 0: no time limit (use steps)
     bf16: bool | str = "auto"  # bf16 autocast: true, false, or auto: where this CPU does bf16 faster (as
-    # nanosd.load's precision="auto"; 1.6-2x the images/s of fp32 on AMD Zen 5, slower on Intel without AMX), fp32 on GPUs
+    # nanosd.load's precision="auto"; 1.6-2x the images/s of fp32 on AMD Zen 5, slower on Intel without AMX), and
+    # on GPUs with bf16; under torchrun only if every rank chose it
     checkpointing: bool = False  # gradient checkpointing: the U-Net's blocks recomputed in the backward pass
     # (SD 1.5 at 256², batch 1: a fifth more time; the activations' memory, which grows with the micro-batch)
     seed: int = 0
