@@ -3,6 +3,7 @@
 Attribute paths follow SD v1's `first_stage_model` (`encoder.down.N.block.M`, `encoder.mid.attn_1`,
 `quant_conv`, `decoder.up.N.upsample`, ...), so the SD VAE's tensors load as they are.
 """
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -238,10 +239,21 @@ class Autoencoder(nn.Module):
         f = self.cfg.factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's factor {f}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.quant_conv.weight))))
+        return DiagonalGaussian(self.fp16_safe(lambda: self.quant_conv(self.encoder(x.to(self.quant_conv.weight)))))
 
     def decode(self, z):
-        return self.decoder(self.post_quant_conv(z.to(self.quant_conv.weight)))
+        return self.fp16_safe(lambda: self.decoder(self.post_quant_conv(z.to(self.quant_conv.weight))))
+
+    def fp16_safe(self, run):
+        """run() in the weights' dtype; an fp16 autoencoder whose result is not finite (SDXL's VAE overflows
+        fp16's 65504) turns fp32 for good and runs again, as A1111 reverts its VAE to 32-bit floats."""
+        out = run()
+        if self.quant_conv.weight.dtype == torch.float16 and not torch.isfinite(out).all():
+            print("nanosd: the VAE overflowed in fp16 (inf/NaN); it computes in fp32 from now on", file=sys.stderr)
+            with torch.inference_mode(False), torch.no_grad():  # weights usable outside inference mode too
+                self.float()
+            out = run()
+        return out
 
     def forward(self, x, generator=None):
         posterior = self.encode(x)

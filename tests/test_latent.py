@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,28 @@ def test_decoding_by_bands_of_rows_is_decoding_whole(monkeypatch, dtype, tol):
             assert (got - whole).abs().max() < tol * whole.abs().max()
     ae.train()  # training takes the whole path (and its gradients)
     assert ae.decode(z.to(dtype)).requires_grad
+
+
+def test_an_fp16_vae_that_overflows_turns_fp32(capsys):
+    """SDXL's VAE overflows fp16 (diffusers' force_upcast, A1111's --no-half-vae): an fp16 autoencoder whose
+    decode or encode is not finite turns fp32 and computes again; one that stays finite stays fp16."""
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(in_channels=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8)).eval()
+    z, x = torch.randn(1, 4, 4, 4), torch.rand(1, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        fine = copy.deepcopy(ae).half()
+        assert torch.isfinite(fine.decode(z)).all() and fine.quant_conv.weight.dtype == torch.float16
+        for conv in (ae.decoder.conv_in, ae.encoder.conv_in):  # activations past 65504 on the residual path
+            conv.weight.mul_(1e5)
+        exact = ae.decode(z), ae.encode(x).mean
+        assert all(torch.isfinite(e).all() for e in exact)
+        plain = (lambda m: m.decoder(m.post_quant_conv(z.half())), lambda m: m.quant_conv(m.encoder(x.half())))
+        for run, unguarded in zip((lambda m: m.decode(z), lambda m: m.encode(x).mean), plain):
+            half = copy.deepcopy(ae).half()
+            assert not torch.isfinite(unguarded(half)).all()  # fp16 does overflow here
+            got = run(half)
+            assert half.quant_conv.weight.dtype == torch.float32 and "overflowed in fp16" in capsys.readouterr().err
+            assert (got.float() - run(ae)).abs().max() < 1e-3 * run(ae).abs().max()
 
 
 def test_kl_against_its_closed_form():
