@@ -8,7 +8,8 @@ config: nanosd/formats/diffusers.unet_json; an unconditioned recipe's transforme
 and nanosd fp32 / bf16 channels-last (weights and inputs; the Trainer itself trains NCHW: these say what it gives up).
 The recipe's input is what its U-Net trains on: latents for latent recipes (its autoencoder's shape), pixels
 otherwise; a text recipe's context is its encoder's width and length, computed once (the frozen encoder costs
-both the same). Prints the CPU, each mode's images/s and its ratio to diffusers fp32.
+both the same). Prints the CPU, each mode's images/s, its ratio to diffusers fp32, and the matmul and convolution arithmetic it
+does per second as a share of this CPU's measured matmul peak in that arithmetic (how much faster it could be).
 """
 import argparse
 import dataclasses
@@ -17,10 +18,11 @@ import tempfile
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nanosd.config import load_config
 from nanosd.data import ImageSet
-from nanosd.fast import cpu_facts
+from nanosd.fast import cpu_facts, matmul_gflops
 from nanosd.formats.diffusers import unet_json
 from nanosd.schedule import Schedule
 from nanosd.train import Trainer
@@ -84,7 +86,7 @@ def main():
              "nanosd fp32 channels-last": (ChannelsLast, False), "nanosd bf16 channels-last": (ChannelsLast, True),
              **({"nanosd fp32 compiled": (compiled, False), "nanosd bf16 compiled": (compiled, True)}
                 if a.compile else {})}
-    times = {m: [] for m in modes}
+    times, flops = {m: [] for m in modes}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for name, (cls, bf16) in modes.items():
@@ -95,6 +97,11 @@ def main():
                 if cls is ChannelsLast:  # before the optimizer's state exists, which then takes the same layout
                     trainer.model.to(memory_format=torch.channels_last)
                 for i in range(a.steps + 3):  # the first 3 (warm-up; compilation) are not counted
+                    if i == 1 and cls is not compiled:
+                        with FlopCounterMode(display=False) as counted:
+                            trainer.train_step()
+                        flops[name] = counted.get_total_flops()
+                        continue
                     t0 = time.perf_counter()
                     trainer.train_step()
                     if i >= 3:
@@ -104,10 +111,14 @@ def main():
     print(f"CPU: {facts['name']} ({', '.join(facts['flags'])}), {torch.get_num_threads()} threads; {a.config}: "
           f"U-Net on {channels}x{size}x{size}, batch {batch}, medians of {a.steps} x {a.rounds} steps")
     ref = batch / statistics.median(times["diffusers fp32"])
-    print("| mode | images/s | vs diffusers fp32 |\n|---|---|---|")
+    peak = {bf16: matmul_gflops(torch.bfloat16 if bf16 else torch.float32) for bf16 in (False, True)}
+    print(f"matmul peak (1024²): fp32 {peak[False]:.0f}, bf16 {peak[True]:.0f} GFLOP/s")
+    print("| mode | images/s | vs diffusers fp32 | GFLOP/step | GFLOP/s (of its matmul peak) |\n|---|---|---|---|---|")
     for name, ts in times.items():
-        speed = batch / statistics.median(ts)
-        print(f"| {name} | {speed:.1f} | {speed / ref:.2f}x |")
+        step = statistics.median(ts)
+        rate = (f"{flops[name] / 1e9:.1f} | {flops[name] / 1e9 / step:.0f} ({flops[name] / 1e9 / step / peak[modes[name][1]]:.0%})"
+                if name in flops else "- | -")
+        print(f"| {name} | {batch / step:.1f} | {batch / step / ref:.2f}x | {rate} |")
 
 
 if __name__ == "__main__":
