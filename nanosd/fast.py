@@ -2,6 +2,7 @@
 image, each wrapping the U-Net call and off by default: feature caching across steps (DeepCache, Ma et al. 2023)
 and token merging in self-attention (ToMe for SD, Bolya & Hoffman 2023). Guidance's end (cfg_end) is the
 denoiser's; the tiny decoder is autoencoder.py's."""
+import ctypes
 import json
 import os
 import platform
@@ -39,6 +40,24 @@ def cpu_facts() -> dict:
                                      "bf16", "asimd", "sve"}),
             "physical_cores": len(cores) if cores and None not in next(iter(cores)) else len(usable),
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+HEAP_KEEP = 64 << 20  # bytes: 32 MB gained nothing at SD's sizes, 128 MB raised the fp32 image's peak
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
+
+
+def keep_freed_buffers(size: int = HEAP_KEEP) -> bool:
+    """Freed blocks under `size` stay in glibc's heap for the next call to reuse. By default glibc maps blocks from
+    128 KB to 32 MB (a threshold that rises only as they are freed) straight from the system and hands them back
+    when freed, so each call page-faults its temporaries in again: oneDNN's per-call weight reorders (59 MB for a
+    1280-channel 3x3 conv in fp32) and attention's buffers cost SD 1.5's U-Net step 15% and the text recipe's
+    training step 12-17% (benchmarks/sd15.py, train_speed.py). A1111 preloads tcmalloc for the same reason. Takes
+    effect process-wide; False where the C library is not glibc (nothing changed)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, size) and mallopt(M_TRIM_THRESHOLD, size))
 
 
 def set_threads(threads: int | None = None) -> int:

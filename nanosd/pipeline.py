@@ -13,7 +13,7 @@ from . import adapters
 from .condition import ConditionedUNet, Conditioner, bind_conditioner, to_latent
 from .config import Config, load_config
 from .controlnet import residuals
-from .fast import FeatureCache, choose_precision, set_threads, token_merging
+from .fast import FeatureCache, choose_precision, keep_freed_buffers, set_threads, token_merging
 from .formats import diffusers, sd
 from .images import as_tensor, to_pil
 from .io import load_into, load_tensors, read_checkpoint, release_freed_memory, save_tensors
@@ -603,6 +603,7 @@ def load(path, precision="auto", compile=False, vae=None, ema=False, config=None
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     device = _device(device)
     set_threads(threads)  # first: the precision's micro-benchmark measures at these threads
+    keep_freed_buffers()
     if precision == "auto":
         precision, why = choose_precision(device=device)
         pipe = load(path, precision, compile, vae, ema, config, family, prediction, threads, device)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .fast import choose_precision
+from .fast import choose_precision, keep_freed_buffers
 from .io import load_tensors, read_metadata, save_tensors
 from .run import GUIDE, METRICS, STATE, WEIGHTS
 
@@ -74,6 +74,7 @@ class Trainer:
                  keep_frozen=True):
         self.run_dir, self.cfg, self.data, self.keep_frozen = Path(run_dir), cfg, data, keep_frozen
         self.rank, self.world, auto = distributed()
+        keep_freed_buffers()
         self.device = torch.device(device) if device else auto
         self.bf16 = cfg.bf16 if cfg.bf16 != "auto" else choose_precision(device=self.device)[0] == "bf16"
         if cfg.bf16 == "auto" and self.world > 1:  # one arithmetic for all ranks, each of which chose on its own
