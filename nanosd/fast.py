@@ -42,22 +42,24 @@ def cpu_facts() -> dict:
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
-HEAP_KEEP = 64 << 20  # bytes: 32 MB gained nothing at SD's sizes, 128 MB raised the fp32 image's peak
+HEAP_KEEP = 32 << 20  # bytes: glibc's own ceiling for the threshold; 64 MB raised bf16 SD's peak by 0.13 GiB
+HEAP_TOP_KEEP = 1 << 30  # bytes of free heap top kept: a step's activations, freed and taken again
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
 
 
-def keep_freed_buffers(size: int = HEAP_KEEP) -> bool:
-    """Freed blocks under `size` stay in glibc's heap for the next call to reuse. By default glibc maps blocks from
-    128 KB to 32 MB (a threshold that rises only as they are freed) straight from the system and hands them back
-    when freed, so each call page-faults its temporaries in again: oneDNN's per-call weight reorders (59 MB for a
-    1280-channel 3x3 conv in fp32) and attention's buffers cost SD 1.5's U-Net step 15% and the text recipe's
-    training step 12-17% (benchmarks/sd15.py, train_speed.py). A1111 preloads tcmalloc for the same reason. Takes
-    effect process-wide; False where the C library is not glibc (nothing changed)."""
+def keep_freed_buffers(size: int = HEAP_KEEP, top: int = HEAP_TOP_KEEP) -> bool:
+    """Freed memory stays in glibc's heap for the next call to reuse: blocks under `size` come from the heap, and
+    its free top is handed back to the system only past `top` (or by io.release_freed_memory). By default glibc
+    maps blocks from 128 KB up from the system (a threshold that rises to 32 MB only as such blocks are freed) and
+    trims the heap's top whenever twice that is free, so each U-Net call or training step page-faults its memory
+    in again: 60-70k page faults a step of the text recipe's training (diffusers' U-Net: 10-25k), 130-180k
+    a bf16 SD 1.5 step at 512² — a few to 15% of their time (benchmarks/sd15.py, train_speed.py). A1111 preloads
+    tcmalloc for the same reason. Process-wide; False where the C library is not glibc (nothing changed)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, size) and mallopt(M_TRIM_THRESHOLD, size))
+    return bool(mallopt(M_MMAP_THRESHOLD, size) and mallopt(M_TRIM_THRESHOLD, top))
 
 
 def set_threads(threads: int | None = None) -> int:
