@@ -8,8 +8,9 @@ config: nanosd/formats/diffusers.unet_json; an unconditioned recipe's transforme
 and nanosd fp32 / bf16 channels-last (weights and inputs; the Trainer itself trains NCHW: these say what it gives up).
 The recipe's input is what its U-Net trains on: latents for latent recipes (its autoencoder's shape), pixels
 otherwise; a text recipe's context is its encoder's width and length, computed once (the frozen encoder costs
-both the same). Prints the CPU, each mode's images/s, its ratio to diffusers fp32, and the matmul and convolution arithmetic it
-does per second as a share of this CPU's measured matmul peak in that arithmetic (how much faster it could be).
+both the same). Prints the CPU, each mode's images/s, its ratio to diffusers fp32, and the matmul and convolution
+arithmetic it does per second as a share of this CPU's measured matmul peak in that arithmetic (how much faster it
+could be).
 """
 import argparse
 import dataclasses
@@ -116,8 +117,8 @@ def main():
     print("| mode | images/s | vs diffusers fp32 | GFLOP/step | GFLOP/s (of its matmul peak) |\n|---|---|---|---|---|")
     for name, ts in times.items():
         step = statistics.median(ts)
-        rate = (f"{flops[name] / 1e9:.1f} | {flops[name] / 1e9 / step:.0f} ({flops[name] / 1e9 / step / peak[modes[name][1]]:.0%})"
-                if name in flops else "- | -")
+        gflop = flops.get(name, 0) / 1e9
+        rate = f"{gflop:.1f} | {gflop / step:.0f} ({gflop / step / peak[modes[name][1]]:.0%})" if gflop else "- | -"
         print(f"| {name} | {batch / step:.1f} | {batch / step / ref:.2f}x | {rate} |")
 
 

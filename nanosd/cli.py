@@ -132,7 +132,7 @@ def cmd_info(a):
     if not a.image:  # the machine: what load() chooses here, and why
         import torch
 
-        from .fast import HEAP_KEEP, choose_precision, cpu_facts, keep_freed_buffers, measured, set_threads
+        from .fast import HEAP_KEEP, HEAP_TOP_KEEP, choose_precision, cpu_facts, keep_freed_buffers, measured, set_threads
 
         set_threads(a.threads)
         facts = cpu_facts()
@@ -144,8 +144,8 @@ def cmd_info(a):
             print(f"matmul (1024², cached): fp32 {speed['fp32']:.0f} GFLOP/s, bf16 {speed['bf16']:.0f} GFLOP/s")
         precision, why = choose_precision(facts)
         print(f'precision="auto" -> {precision}: {why}')
-        print(f"freed blocks under {HEAP_KEEP >> 20} MB kept for reuse: " + (
-            "yes (glibc)" if keep_freed_buffers() else "no (not glibc: the C library's own policy)"))
+        print(f"freed memory kept for reuse (blocks under {HEAP_KEEP >> 20} MB, the heap's top up to "
+              f"{HEAP_TOP_KEEP >> 20} MB): " + ("yes (glibc)" if keep_freed_buffers() else "no (not glibc)"))
         for i in range(torch.cuda.device_count()):  # where load() runs by default when there is one
             precision, why = choose_precision(device=f"cuda:{i}")
             print(f'cuda:{i}: precision="auto" -> {precision}: {why}')
